@@ -1,0 +1,81 @@
+"""Fake (meta) kernels and autograd for the C++-declared ops.
+
+The schemas are declared once in ``csrc/ops.cpp`` with TORCH_LIBRARY; the C++ side points here
+with ``set_python_module`` so the fake kernels are found even if this module was not imported.
+
+Forward:      out    = adaptive_conv(input, filters)
+Backward:     g_in   = adaptive_conv_grad_input(grad_out, filters)
+              g_filt = adaptive_conv_grad_filters(grad_out, input)
+All three are bilinear, so each backward is again made of these three ops (double backward works).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_adaptive_conv_args
+from ._loader import extension_loaded
+
+ops = torch.ops.featup_adapters if extension_loaded() else None
+
+
+def _register() -> None:
+    lib = "featup_adapters::"
+
+    @torch.library.register_fake(lib + "adaptive_conv")
+    def _fake_forward(input, filters):
+        check_adaptive_conv_args(input, filters)
+        B, H, W = filters.shape[:3]
+        return input.new_empty((B, input.shape[1], H, W))
+
+    @torch.library.register_fake(lib + "adaptive_conv_grad_input")
+    def _fake_grad_input(grad_out, filters):
+        B, C, H, W = grad_out.shape
+        k = filters.shape[-1]
+        return grad_out.new_empty((B, C, H + k - 1, W + k - 1))
+
+    @torch.library.register_fake(lib + "adaptive_conv_grad_filters")
+    def _fake_grad_filters(grad_out, input):
+        B, C, H, W = grad_out.shape
+        k = input.shape[-2] - H + 1
+        return grad_out.new_empty((B, H, W, k, k))
+
+    # d out = conv(d input, f) + conv(input, d f)
+    def _setup_fwd(ctx, inputs, output):
+        input, filters = inputs
+        ctx.save_for_backward(input, filters)
+
+    def _bwd_fwd(ctx, grad):
+        input, filters = ctx.saved_tensors
+        grad = grad.contiguous()
+        g_in = ops.adaptive_conv_grad_input(grad, filters) if ctx.needs_input_grad[0] else None
+        g_f = ops.adaptive_conv_grad_filters(grad, input) if ctx.needs_input_grad[1] else None
+        return g_in, g_f
+
+    torch.library.register_autograd(lib + "adaptive_conv", _bwd_fwd, setup_context=_setup_fwd)
+
+    # grad_input(g, f) is linear in g (adjoint: conv(., f)) and in f (adjoint: grad_filters(g, .)).
+    def _setup_gi(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _bwd_gi(ctx, grad):
+        g, f = ctx.saved_tensors
+        d_g = ops.adaptive_conv(grad, f) if ctx.needs_input_grad[0] else None
+        d_f = ops.adaptive_conv_grad_filters(g, grad) if ctx.needs_input_grad[1] else None
+        return d_g, d_f
+
+    torch.library.register_autograd(lib + "adaptive_conv_grad_input", _bwd_gi,
+                                    setup_context=_setup_gi)
+
+    # grad_filters(g, x): adjoint in g is conv(x, .), adjoint in x is grad_input(g, .).
+    def _bwd_gf(ctx, grad):
+        g, x = ctx.saved_tensors
+        d_g = ops.adaptive_conv(x, grad) if ctx.needs_input_grad[0] else None
+        d_x = ops.adaptive_conv_grad_input(g, grad) if ctx.needs_input_grad[1] else None
+        return d_g, d_x
+
+    torch.library.register_autograd(lib + "adaptive_conv_grad_filters", _bwd_gf,
+                                    setup_context=_setup_gi)
+
+
+if extension_loaded():
+    _register()
