@@ -1,0 +1,58 @@
+"""Config keys of the FeatUp neck for detectron2: ``add_featup_config(cfg)``.
+
+    from detectron2.config import get_cfg
+    from integrations.detectron2 import add_featup_config
+    cfg = get_cfg(); add_featup_config(cfg); cfg.merge_from_file("integrations/detectron2/configs/...")
+"""
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+# ImageNet mean/std on a 0-255 scale, RGB order: what FeatUp's upsamplers were trained with.
+IMAGENET_PIXEL_MEAN = [123.675, 116.28, 103.53]
+IMAGENET_PIXEL_STD = [58.395, 57.12, 57.375]
+
+
+def add_featup_config(cfg: CN) -> CN:
+    """Add ``cfg.MODEL.FEATUP.*`` (the FeatUp neck) to a detectron2 config, in place; returns cfg."""
+    _C = cfg
+    _C.MODEL.FEATUP = CN()
+    # Name in BACKBONE_REGISTRY of the bottom-up backbone whose features get upsampled:
+    # "build_resnet_backbone", "build_resnet_fpn_backbone", or "build_featup_adapter_backbone"
+    # (a timm / HF transformers / open_clip model through featup_adapters' adapters, see ADAPTER).
+    _C.MODEL.FEATUP.BOTTOM_UP = "build_resnet_backbone"
+    # Bottom-up features to upsample; each one is returned as "<name>_up".
+    _C.MODEL.FEATUP.IN_FEATURES = ["res5"]
+    # Stride (relative to the padded input image) of the upsampled features; 1 = full resolution.
+    _C.MODEL.FEATUP.OUT_STRIDE = 4
+    # Also return the bottom-up features themselves (unchanged, at their own stride).
+    _C.MODEL.FEATUP.KEEP_BOTTOM_UP_FEATURES = False
+    # The upsampler: "jbu" (a new FeatUp JBU stack, trained with the model), "bilinear" / "bicubic"
+    # (parameter-free baselines), or a directory / registered name for featup_adapters.load_upsampler
+    # (only with a single IN_FEATURES entry).
+    _C.MODEL.FEATUP.UPSAMPLER = "jbu"
+    # Number of 2x JBU stages of a new "jbu" stack (FeatUp uses 4); sizes in between are scheduled by it.
+    _C.MODEL.FEATUP.JBU_STAGES = 4
+    # LayerNorm over channels before upsampling (FeatUp's "norm" checkpoints were trained with one).
+    _C.MODEL.FEATUP.USE_NORM = False
+    # Guidance image normalization (0-255 scale, RGB order) the upsampler expects; the input of the
+    # backbone (normalized with MODEL.PIXEL_MEAN/STD in INPUT.FORMAT order) is converted to it.
+    # Empty lists: use the backbone's input as it is.
+    _C.MODEL.FEATUP.GUIDANCE_PIXEL_MEAN = list(IMAGENET_PIXEL_MEAN)
+    # See GUIDANCE_PIXEL_MEAN.
+    _C.MODEL.FEATUP.GUIDANCE_PIXEL_STD = list(IMAGENET_PIXEL_STD)
+    # Freeze the bottom-up backbone (requires_grad False, eval-mode BatchNorm is up to the backbone).
+    _C.MODEL.FEATUP.FREEZE_BOTTOM_UP = False
+    # Freeze the upsampler (e.g. a pretrained JBU stack used as a fixed feature upsampler).
+    _C.MODEL.FEATUP.FREEZE_UPSAMPLER = False
+
+    # Bottom-up backbone built through featup_adapters (BOTTOM_UP = "build_featup_adapter_backbone").
+    _C.MODEL.FEATUP.ADAPTER = CN()
+    # Backbone spec for featup_adapters.adapters.create_backbone: "timm:NAME", "hf:ID",
+    # "open_clip:NAME" or a registered name such as "efficientnet_lite0".
+    _C.MODEL.FEATUP.ADAPTER.SPEC = "efficientnet_lite0"
+    # Module whose output is the feature map; "" = the adapter's default (last spatial features).
+    _C.MODEL.FEATUP.ADAPTER.LAYER = ""
+    # Name of the single feature map this bottom-up backbone returns.
+    _C.MODEL.FEATUP.ADAPTER.OUT_FEATURE = "last"
+    return cfg
