@@ -1,0 +1,16 @@
+"""Training upsamplers by multi-view consistency, and the per-image implicit upsampler.
+
+    from featup_adapters.training import train_upsampler, fit_implicit
+
+Submodules: ``jitter`` (random views), ``downsamplers`` (simple / attention), ``losses`` (scale net,
+Gaussian likelihood, random projection, TV), ``trainer`` (``train_upsampler``: checkpoints, resume,
+DDP), ``distributed`` (torchrun helpers), ``implicit`` (``fit_implicit``), ``evaluate``
+(multi-view reconstruction error), ``cli`` (the ``train`` / ``fit-implicit`` sub-commands).
+Importing this package imports only torch.
+"""
+from __future__ import annotations
+
+from .implicit import ImplicitUpsampler, fit_implicit
+from .trainer import TrainConfig, train_upsampler
+
+__all__ = ["train_upsampler", "fit_implicit", "ImplicitUpsampler", "TrainConfig"]

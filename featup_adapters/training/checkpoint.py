@@ -1,0 +1,75 @@
+"""Training checkpoints: written atomically (temp file + ``os.replace``), resumed exactly.
+
+A checkpoint is a ``torch.save`` dict::
+
+    {"format": "featup_adapters.train/1", "step": int, "backbone_id": str, "layer": str | None,
+     "feature_dim": int, "config": {...}, "model": state_dict (upsampler + downsampler + scale net),
+     "optimizer": state_dict, "rng": {"torch": ..., "cuda": [...]}}
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "featup_adapters.train/1"
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_resume(resume: str | os.PathLike) -> Path:
+    """A checkpoint file, or a training folder (then its ``last.pt``)."""
+    p = Path(resume)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.pt" if (p / "checkpoints" / "last.pt").exists() else p / "last.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {str(p)!r}; expected a file written "
+                                "by train_upsampler or its output folder")
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike, *, backbone_id: str, layer, feature_dim: int) -> dict:
+    """Load a training checkpoint and check it belongs to this backbone, layer and width."""
+    path = resolve_resume(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"--resume: {str(path)!r} is not a featup_adapters training checkpoint "
+                         f"(expected format {FORMAT!r})")
+    theirs = (ckpt.get("backbone_id"), ckpt.get("layer"), ckpt.get("feature_dim"))
+    ours = (backbone_id, layer, feature_dim)
+    if theirs != ours:
+        raise ValueError(f"--resume: checkpoint {str(path)!r} was trained for backbone "
+                         f"{theirs[0]!r} (layer {theirs[1]!r}, {theirs[2]} channels), but this run "
+                         f"uses backbone {ours[0]!r} (layer {ours[1]!r}, {ours[2]} channels)")
+    return ckpt

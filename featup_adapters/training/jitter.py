@@ -1,0 +1,81 @@
+"""Random views for multi-view training: reflect pad, zoom, crop back, horizontal flip.
+
+A :class:`Jitter` is sampled once and then applied, identically, to the image and to the upsampled
+features (any channel count, same spatial size), so ``jitter(upsample(x))`` can be compared with
+``features(jitter(x))``.  Works for any image size and aspect ratio.
+
+    t = sample_jitter((H, W), max_pad=20, max_zoom=2.0, generator=g)
+    view = t(images)              # Tensor[B, 3, H, W]
+    feats_view = t(hr_features)   # Tensor[B, C, H, W], the same transform
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """One view transform for inputs of spatial size ``size = (H, W)``.
+
+    ``pad`` pixels of reflect padding on every side, then a bilinear resize of the padded image to
+    ``zoomed`` (= padded size when there is no zoom), a crop of ``size`` at ``(top, left)``, and a
+    horizontal flip when ``flip``.
+    """
+
+    size: tuple[int, int]
+    pad: int
+    zoomed: tuple[int, int]
+    top: int
+    left: int
+    flip: bool
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return apply_jitter(x, self)
+
+
+def sample_jitter(size: tuple[int, int], max_pad: int = 20, max_zoom: float = 2.0,
+                  zoom_prob: float = 0.5, flip_prob: float = 0.5,
+                  generator: torch.Generator | None = None) -> Jitter:
+    """Draw a random :class:`Jitter` for inputs of spatial ``size = (H, W)``.
+
+    The pad is ``max_pad`` (reduced to ``min(H, W) - 1`` for tiny inputs, since reflect padding
+    cannot exceed the input); with probability ``zoom_prob`` the padded image is zoomed by a factor
+    drawn uniformly from ``[1, max_zoom]``; the crop position is uniform; the flip has probability
+    ``flip_prob``.
+    """
+    H, W = int(size[0]), int(size[1])
+    if H < 1 or W < 1:
+        raise ValueError(f"expected a positive size (H, W), got {size}")
+    if max_pad < 0 or max_zoom < 1:
+        raise ValueError(f"expected max_pad >= 0 and max_zoom >= 1, got max_pad={max_pad}, "
+                         f"max_zoom={max_zoom}")
+    u = torch.rand(5, generator=generator, dtype=torch.float64).tolist()
+    pad = min(int(max_pad), H - 1, W - 1)
+    ph, pw = H + 2 * pad, W + 2 * pad
+    zoom = 1.0 + u[1] * (max_zoom - 1.0) if u[0] < zoom_prob else 1.0
+    zh, zw = max(H, round(ph * zoom)), max(W, round(pw * zoom))
+    top = min(int(u[2] * (zh - H + 1)), zh - H)
+    left = min(int(u[3] * (zw - W + 1)), zw - W)
+    return Jitter((H, W), pad, (zh, zw), top, left, u[4] < flip_prob)
+
+
+def apply_jitter(x: Tensor, t: Jitter) -> Tensor:
+    """Apply ``t`` to ``Tensor[B, C, H, W]`` (``(H, W)`` must be ``t.size``); differentiable."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a tensor of shape [B, C, H, W], got {list(x.shape)}")
+    if tuple(x.shape[-2:]) != tuple(t.size):
+        raise ValueError(f"this jitter was sampled for spatial size {list(t.size)}, got a tensor "
+                         f"of shape {list(x.shape)}")
+    H, W = t.size
+    if t.pad > 0:
+        x = F.pad(x, (t.pad,) * 4, mode="reflect")
+    if tuple(x.shape[-2:]) != tuple(t.zoomed):
+        x = F.interpolate(x, size=t.zoomed, mode="bilinear", align_corners=False)
+    x = x[..., t.top:t.top + H, t.left:t.left + W]
+    if t.flip:
+        x = x.flip(-1)
+    return x

