@@ -1,0 +1,324 @@
+"""``FeatUpNeck`` and ``wrap``: a backbone whose output is its own features at image resolution.
+
+    neck = featup_adapters.wrap(timm.create_model("vit_small_patch16_224.dino", pretrained=True))
+    hr = neck(images)                           # Tensor[B, C, H, W]
+    hr, lr = neck(images, return_lowres=True)   # lr: Tensor[B, C, H / 16, W / 16]
+
+How it works: a forward pre-hook on the module that receives the image captures the guidance (the
+very tensor the backbone got, so normalization matches training); a forward hook on the feature
+module captures its output, which the adapter turns into ``Tensor[B, C, h, w]`` without changing a
+value. Hooks only record while the neck's own forward runs, per device (``DataParallel`` replicas
+share the hooks), and what they stored is dropped when the forward ends, exception or not. Calling
+the backbone directly while wrapped returns its normal output; ``neck.remove()`` (or leaving a
+``with`` block) detaches every hook.
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+from numbers import Real
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import Adapter, Layer, adapter_for
+from .adapters.base import probe
+from .adapters.registry import resolve_backbone
+
+BASELINES = ("bilinear", "bicubic", "nearest", "jbu")
+OutputSize = Union[None, Real, Sequence[int]]
+
+
+class _Recorder:
+    """Hook target: stores outputs in ``store[device]`` while that device's forward is armed."""
+
+    def __init__(self, store: Dict[Any, Dict[str, Any]], select):
+        self.store = store
+        self.select = select
+
+    def features(self, module, args, output):
+        if not self.store:  # not armed: a direct call of the backbone, leave it alone
+            return
+        tensor = self.select(output)
+        slot = self.store.get(tensor.device)
+        if slot is not None:
+            slot["features"] = tensor
+
+    def guidance(self, module, args, kwargs):
+        if not self.store:
+            return
+        image = args[0] if args else next((v for v in kwargs.values() if torch.is_tensor(v)), None)
+        if torch.is_tensor(image):
+            slot = self.store.get(image.device)
+            if slot is not None and "guidance" not in slot:
+                slot["guidance"] = image
+
+
+class FeatUpNeck(nn.Module):
+    """A backbone, an adapter that finds its features, and an upsampler for them.
+
+    Use :func:`wrap` to build one. Attributes: ``backbone``, ``adapter``, ``upsampler``, ``norm``
+    (``nn.LayerNorm`` over channels or None), ``feature_dim``, ``stride``, ``mean``, ``std``,
+    ``backbone_id``, ``layer`` (the hooked module's name).
+
+    Args:
+        backbone: the model; left unchanged apart from the hooks.
+        upsampler: ``upsampler(source[B, C, h, w], guidance[B, 3, H, W], output_size=(H', W'))
+            -> Tensor[B, C, H', W']`` (``output_size`` may be absent from its signature; then its
+            output is resized bilinearly).
+        adapter: an :class:`~featup_adapters.adapters.Adapter` for ``backbone``.
+        output_size: None (the input image size), an (H, W) pair, or a number (scale factor of the
+            image size).
+        use_norm: apply a LayerNorm over channels to the features before upsampling.
+        backbone_id: id of the backbone (default: the adapter's).
+    """
+
+    def __init__(self, backbone: nn.Module, upsampler: nn.Module, adapter: Adapter, *,
+                 output_size: OutputSize = None, use_norm: bool = False, backbone_id: Optional[str] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.upsampler = upsampler
+        self.adapter = adapter
+        self.output_size = _check_output_size(output_size)
+        self.backbone_id = backbone_id or adapter.spec.backbone_id
+        self._dims: Optional[Tuple[int, int]] = None
+        self.norm = nn.LayerNorm(self.feature_dim) if use_norm else None
+        self._store: Dict[Any, Dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._takes_size = _accepts(upsampler, "output_size")
+        recorder = _Recorder(self._store, adapter.select)
+        self._handles = [
+            adapter.module(backbone).register_forward_hook(recorder.features),
+            adapter.input_module(backbone).register_forward_pre_hook(recorder.guidance, with_kwargs=True),
+        ]
+
+    # -- what the features are ----------------------------------------------------------------
+    def _channels_stride(self) -> Tuple[int, int]:
+        if self._dims is None:
+            spec = self.adapter.spec
+            if spec.channels is not None and spec.stride is not None:
+                self._dims = (int(spec.channels), int(spec.stride))
+            else:
+                channels, stride = probe(self.backbone, self.adapter)
+                self._dims = (int(spec.channels or channels), int(spec.stride or stride))
+        return self._dims
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels C of the features."""
+        return self._channels_stride()[0]
+
+    @property
+    def stride(self) -> int:
+        """Image pixels per feature cell (the patch size of a ViT, the reduction of a CNN stage)."""
+        return self._channels_stride()[1]
+
+    @property
+    def mean(self) -> Tuple[float, float, float]:
+        return self.adapter.spec.mean
+
+    @property
+    def std(self) -> Tuple[float, float, float]:
+        return self.adapter.spec.std
+
+    @property
+    def layer(self) -> str:
+        return self.adapter.spec.module
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    # -- running ------------------------------------------------------------------------------
+    def _run(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        if not self._handles:
+            raise RuntimeError("this FeatUpNeck was removed (its hooks are detached); wrap the backbone again")
+        if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
+            got = list(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"expected images of shape [B, 3, H, W], got {got}")
+        self.adapter.check_input(self.backbone, images)
+        device = images.device
+        with self._lock:
+            if device in self._store:
+                raise RuntimeError(f"FeatUpNeck is already running on {device}; it is not re-entrant")
+            self._store[device] = {}
+        try:
+            self.adapter.call(self.backbone, images)
+            slot = self._store[device]
+        finally:
+            self._store.pop(device, None)
+        if "features" not in slot:
+            raise RuntimeError(f"module {self.layer!r} did not run during the backbone's forward; "
+                               "pass layer= to choose one that does")
+        guidance = slot.get("guidance", images)
+        lowres = self.adapter.to_map(slot["features"], self.backbone, tuple(images.shape[-2:]))
+        if self.norm is not None:
+            lowres = F.layer_norm(lowres.permute(0, 2, 3, 1), (lowres.shape[1],), self.norm.weight,
+                                  self.norm.bias, self.norm.eps).permute(0, 3, 1, 2)
+        return lowres, guidance
+
+    def features(self, images: Tensor) -> Tensor:
+        """Run the backbone and return its hooked features, ``Tensor[B, C, h, w]``, not upsampled.
+
+        ``images``: ``Tensor[B, 3, H, W]`` normalized with ``mean`` / ``std``. With ``use_norm`` the
+        channel LayerNorm is applied (these are the features the upsampler consumes).
+        """
+        return self._run(images)[0]
+
+    def target_size(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+        """Output (H', W') for an image of ``image_size``."""
+        size = self.output_size
+        if size is None:
+            return int(image_size[0]), int(image_size[1])
+        if isinstance(size, tuple):
+            return size
+        return max(1, round(image_size[0] * size)), max(1, round(image_size[1] * size))
+
+    def forward(self, images: Tensor, return_lowres: bool = False):
+        """``images``: ``Tensor[B, 3, H, W]`` -> ``Tensor[B, C, H', W']`` (``(hr, lr)`` with ``return_lowres``)."""
+        lowres, guidance = self._run(images)
+        size = self.target_size(tuple(images.shape[-2:]))
+        if self._takes_size:
+            highres = self.upsampler(lowres, guidance, output_size=size)
+        else:
+            highres = self.upsampler(lowres, guidance)
+        if tuple(highres.shape[-2:]) != size:
+            highres = F.interpolate(highres, size=size, mode="bilinear", align_corners=False)
+        return (highres, lowres) if return_lowres else highres
+
+    # -- hooks as a resource ------------------------------------------------------------------
+    def remove(self) -> None:
+        """Detach every hook; the backbone is left exactly as before ``wrap``. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._store.clear()
+
+    def __enter__(self) -> "FeatUpNeck":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def extra_repr(self) -> str:
+        return (f"backbone_id={self.backbone_id!r}, layer={self.layer!r}, output_size={self.output_size}, "
+                f"use_norm={self.norm is not None}")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _check_output_size(size: OutputSize):
+    if size is None:
+        return None
+    if isinstance(size, bool):
+        raise TypeError(f"expected output_size as None, an (H, W) pair or a scale factor, got {size!r}")
+    if isinstance(size, Real):
+        if size <= 0:
+            raise ValueError(f"expected a positive scale factor for output_size, got {size!r}")
+        return float(size)
+    if isinstance(size, torch.Size):
+        size = tuple(size)
+    if (isinstance(size, Sequence) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+        return (int(size[0]), int(size[1]))
+    raise TypeError(f"expected output_size as None, an (H, W) pair of positive ints or a scale factor, got {size!r}")
+
+
+def _resolve_upsampler(upsampler, dim: int, backbone_id: Optional[str]) -> nn.Module:
+    if isinstance(upsampler, nn.Module):
+        if hasattr(upsampler, "config"):
+            from . import hub
+
+            hub.check_compatible(upsampler, dim=dim, backbone_id=backbone_id)
+        return upsampler
+    if not isinstance(upsampler, str):
+        raise TypeError("expected upsampler as 'auto', 'bilinear', 'bicubic', 'nearest', 'jbu', a path, a registered "
+                        f"name or an nn.Module, got {type(upsampler).__name__}")
+    from . import hub
+
+    if upsampler == "auto":
+        name = hub.pretrained_for(backbone_id) if backbone_id else None
+        if name is None:
+            raise LookupError(
+                f"no pretrained upsampler is registered for backbone {backbone_id!r}. Train one with "
+                f"`featup-adapters train --backbone <spec> --data <images> --out <dir>` (e.g. --backbone "
+                f"{_spec_hint(backbone_id)}) and pass upsampler='<dir>', or use upsampler='bilinear' / 'bicubic' "
+                "as a baseline")
+        upsampler = name
+    if upsampler in BASELINES:
+        from .upsamplers import make_upsampler
+
+        return make_upsampler(upsampler, dim=dim)
+    module = hub.load_upsampler(upsampler)
+    hub.check_compatible(module, dim=dim, backbone_id=backbone_id)
+    return module
+
+
+def _spec_hint(backbone_id: Optional[str]) -> str:
+    if not backbone_id:
+        return "timm:resnet18"
+    eco, _, name = backbone_id.partition("/")
+    return f"{eco}:{name}" if name and eco in ("timm", "hf", "open_clip") else backbone_id
+
+
+def wrap(backbone: Union[str, nn.Module], upsampler: Union[str, nn.Module] = "auto", *,
+         layer: Union[None, str, Layer] = None, output_size: OutputSize = None, use_norm: Optional[bool] = None,
+         backbone_id: Optional[str] = None) -> FeatUpNeck:
+    """Attach an upsampler to ``backbone``'s features.
+
+    Args:
+        backbone: a timm / transformers / open_clip model, any ``nn.Module`` (with ``layer=``), or a
+            spec string: ``"timm:NAME"``, ``"hf:ID"``, ``"open_clip:NAME"``, a registered name.
+        upsampler: ``"auto"`` (the registered pretrained upsampler for this backbone; an error says how
+            to train one if none is known), ``"bilinear"`` / ``"bicubic"`` / ``"nearest"`` baselines,
+            ``"jbu"`` (a fresh, untrained JBU stack), a directory or registered name for
+            ``featup_adapters.hub.load_upsampler``, or a module.
+        layer: module whose output to upsample (name or :class:`~featup_adapters.adapters.Layer`);
+            None = the adapter's default, the last spatial features.
+        output_size: None (the image size), an (H, W) pair, or a scale factor.
+        use_norm: LayerNorm over channels before upsampling; None = what the upsampler's config says
+            (FeatUp's "norm" checkpoints), else off.
+        backbone_id: override the id used to find and check pretrained upsamplers.
+
+    Returns:
+        :class:`FeatUpNeck`, in the backbone's training mode.
+
+    Example:
+        >>> neck = wrap("timm:resnet18", "bilinear")
+        >>> neck(torch.randn(1, 3, 64, 96)).shape
+        torch.Size([1, 512, 64, 96])
+    """
+    if isinstance(backbone, str):
+        backbone, _ = resolve_backbone(backbone)
+    adapter = adapter_for(backbone, layer)
+    bid = backbone_id or adapter.spec.backbone_id
+    neck = FeatUpNeck(backbone, nn.Identity(), adapter, output_size=output_size, backbone_id=bid)
+    try:
+        module = _resolve_upsampler(upsampler, neck.feature_dim, bid)
+    except BaseException:
+        neck.remove()
+        raise
+    if use_norm is None:
+        use_norm = bool((getattr(module, "config", None) or {}).get("use_norm", False))
+    neck.upsampler = module
+    neck._takes_size = _accepts(module, "output_size")
+    if use_norm:
+        neck.norm = nn.LayerNorm(neck.feature_dim)  # FeatUp's norm: a plain LayerNorm at init values
+    return neck
