@@ -25,7 +25,7 @@ def feature_source(backbone, layer: str | None = None):
         from .. import neck as _neck
 
         try:
-            src = _neck.wrap(backbone, upsampler="bilinear", layer=layer)
+            src = _neck.wrap(backbone, upsampler=nn.Identity(), layer=layer)
         except (ValueError, KeyError, LookupError, RuntimeError, TypeError, AttributeError) as e:
             what = backbone if isinstance(backbone, str) else type(backbone).__name__
             raise ValueError(f"cannot find features for backbone {what!r}"

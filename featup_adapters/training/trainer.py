@@ -216,6 +216,7 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
                       if resume is not None else None)
         if isinstance(src, nn.Module):
             src.to(dev)
+        torch.manual_seed(seed)  # same initial weights for the same seed (and on every rank)
         up = _make_upsampler(upsampler, dim)
         objective = MultiViewObjective(up, make_downsampler(downsampler, dim, stride), ScaleNet(dim),
                                        tv_weight).to(dev)

@@ -1,0 +1,47 @@
+"""Multi-view reconstruction error: how well ``upsample`` predicts the features of jittered views.
+
+For each image x and random view t: ``err = |avgpool(t(up(f(x), x))) - f(t(x))|^2``, with a FIXED
+area-average downsampler (one stride x stride patch per feature cell) so that upsamplers trained with
+a learned downsampler get no advantage.  Reported relative to the variance of the target features
+(0 = perfect; about 1 = no better than predicting the mean).  Lower is better.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .jitter import sample_jitter
+
+
+@torch.no_grad()
+def multiview_error(src, upsampler: nn.Module, images: Tensor, *, n_views: int = 8,
+                    max_pad: int = 20, max_zoom: float = 2.0, seed: int = 0,
+                    batch_size: int = 2) -> float:
+    """Mean relative multi-view reconstruction error.
+
+    Args:
+        src: a feature source (``features``, ``stride``, ``mean``, ``std``), e.g. a wrapped neck.
+        upsampler: ``forward(source[B, C, h, w], guidance[B, 3, H, W], output_size=(H, W))``.
+        images: ``Tensor[N, 3, H, W]`` in [0, 1].
+    """
+    from .trainer import _normalize
+
+    g = torch.Generator().manual_seed(seed)
+    k = int(src.stride)
+    num = den = 0.0
+    for i in range(0, images.shape[0], batch_size):
+        x = _normalize(images[i:i + batch_size].float(), src.mean, src.std)
+        H, W = x.shape[-2:]
+        hr = upsampler(src.features(x).float(), x, output_size=(H, W)).float()
+        for _ in range(n_views):
+            t = sample_jitter((H, W), max_pad, max_zoom, generator=g)
+            target = src.features(t(x)).float()
+            h, w = target.shape[-2:]
+            v = t(hr)
+            if tuple(v.shape[-2:]) != (h * k, w * k):
+                v = nn.functional.interpolate(v, size=(h * k, w * k), mode="bilinear",
+                                              align_corners=False)
+            pred = nn.functional.avg_pool2d(v, k)
+            num += float((pred - target).square().sum())
+            den += float((target - target.mean(dim=(0, 2, 3), keepdim=True)).square().sum())
+    return num / max(den, 1e-12)
