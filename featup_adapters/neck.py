@@ -251,6 +251,10 @@ def _resolve_upsampler(upsampler, dim: int, backbone_id: Optional[str]) -> nn.Mo
     if not isinstance(upsampler, str):
         raise TypeError("expected upsampler as 'auto', 'bilinear', 'bicubic', 'nearest', 'jbu', a path, a registered "
                         f"name or an nn.Module, got {type(upsampler).__name__}")
+    if upsampler in BASELINES:
+        from .upsamplers import make_upsampler
+
+        return make_upsampler(upsampler, dim=dim)
     from . import hub
 
     if upsampler == "auto":

@@ -55,15 +55,22 @@ class TimmAdapter(Adapter):
 
     def check_input(self, backbone: nn.Module, images: Tensor) -> None:
         patch_embed = getattr(backbone, "patch_embed", None)
-        if patch_embed is None or not getattr(patch_embed, "strict_img_size", False):
+        if patch_embed is None or getattr(patch_embed, "img_size", None) is None:
             return
-        expected = tuple(patch_embed.img_size) if patch_embed.img_size is not None else None
+        expected = tuple(patch_embed.img_size)
         got = tuple(images.shape[-2:])
-        if expected is not None and got != expected:
-            name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture", type(backbone).__name__)
-            raise ValueError(f"timm {name} was created for {expected[0]}x{expected[1]} images and got "
-                             f"{got[0]}x{got[1]}; create it with timm.create_model(..., dynamic_img_size=True) "
-                             "to accept other sizes, or resize the images")
+        name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture", type(backbone).__name__)
+        if getattr(patch_embed, "strict_img_size", False):
+            if got != expected:
+                raise ValueError(f"timm {name} was created for {expected[0]}x{expected[1]} images and got "
+                                 f"{got[0]}x{got[1]}; create it with timm.create_model(..., dynamic_img_size=True) "
+                                 "to accept other sizes, or resize the images")
+        elif not getattr(patch_embed, "dynamic_img_pad", True) and hasattr(patch_embed, "patch_size"):
+            p = tuple(patch_embed.patch_size)
+            if got[0] % p[0] or got[1] % p[1]:
+                raise ValueError(f"timm {name} accepts only sizes that are multiples of its {p[0]}x{p[1]} patch "
+                                 f"and got {got[0]}x{got[1]}; create it with timm.create_model(..., "
+                                 "dynamic_img_size=True, dynamic_img_pad=True) to pad other sizes")
 
 
 @register_adapter("timm")
