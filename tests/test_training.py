@@ -98,6 +98,18 @@ def test_jitter_on_tiny_inputs_clamps_the_reflect_pad():
     assert t.pad == 4 and t(torch.randn(1, 2, 5, 9)).shape == (1, 2, 5, 9)
 
 
+def test_scaled_jitter_is_the_same_transform_at_twice_the_resolution():
+    yy, xx = torch.meshgrid(torch.linspace(0, 3, 64), torch.linspace(0, 5, 96), indexing="ij")
+    big = torch.stack([torch.sin(yy), torch.cos(xx), torch.sin(xx + yy)])[None]   # smooth field
+    small = F.avg_pool2d(big, 2)
+    for s in range(8):
+        t = sample_jitter((32, 48), 6, 1.8, generator=torch.Generator().manual_seed(s))
+        err = (F.avg_pool2d(t.scaled(2)(big), 2) - t(small)).abs()
+        # reflect padding mirrors about a pixel centre, half a fine pixel apart at the two scales
+        assert float(err.mean()) < 0.02 and float(err.max()) < 0.15
+    assert t.scaled(2).size == (64, 96) and t.scaled(1) == t
+
+
 def test_jitter_rejects_a_tensor_of_another_size():
     t = sample_jitter((16, 16))
     with pytest.raises(ValueError, match=r"sampled for spatial size \[16, 16\]"):
@@ -211,6 +223,16 @@ def test_resume_continues_exactly(tmp_path):
     assert a["step"] == b["step"] == 20
     assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
     assert (tmp_path / "b" / "metrics.csv").read_text().count("\n") == 21
+
+
+def test_training_at_half_resolution_features(tmp_path):
+    data = _photo_folder(tmp_path / "data", n=2)
+    hist = []
+    up = train_upsampler(PatchSource(), data, steps=2, upsampler=GuidedUp(), hr_downscale=2,
+                         history=hist, **KW)
+    assert len(hist) == 2 and all(np.isfinite(r["loss"]) for r in hist)
+    with pytest.raises(ValueError, match="hr_downscale .* got 3"):
+        train_upsampler(PatchSource(), data, steps=1, upsampler=up, hr_downscale=3, **KW)
 
 
 def test_run_writes_metrics_and_pca_snapshots(tmp_path):

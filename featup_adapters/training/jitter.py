@@ -7,6 +7,7 @@ features (any channel count, same spatial size), so ``jitter(upsample(x))`` can 
     t = sample_jitter((H, W), max_pad=20, max_zoom=2.0, generator=g)
     view = t(images)              # Tensor[B, 3, H, W]
     feats_view = t(hr_features)   # Tensor[B, C, H, W], the same transform
+    t.scaled(2)                   # the same transform for inputs twice as large
 """
 from __future__ import annotations
 
@@ -35,6 +36,16 @@ class Jitter:
 
     def __call__(self, x: Tensor) -> Tensor:
         return apply_jitter(x, self)
+
+    def scaled(self, factor: int) -> "Jitter":
+        """The same geometric transform for inputs ``factor`` times larger (e.g. the image when
+        this jitter was sampled at the resolution of half-size features)."""
+        f = int(factor)
+        if f < 1:
+            raise ValueError(f"expected an integer factor >= 1, got {factor}")
+        return Jitter((self.size[0] * f, self.size[1] * f), self.pad * f,
+                      (self.zoomed[0] * f, self.zoomed[1] * f), self.top * f, self.left * f,
+                      self.flip)
 
 
 def sample_jitter(size: tuple[int, int], max_pad: int = 20, max_zoom: float = 2.0,

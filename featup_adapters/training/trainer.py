@@ -45,6 +45,7 @@ class TrainConfig:
 
     steps: int = 2000
     batch_size: int = 4
+    hr_downscale: int = 1
     image_size: tuple = (224, 224)
     lr: float = 1e-3
     n_jitters: int = 5
@@ -76,8 +77,9 @@ class MultiViewObjective(nn.Module):
         self.scale_net = scale_net
         self.tv_weight = tv_weight
 
-    def forward(self, lowres: Tensor, image: Tensor, views, proj: Tensor) -> Tensor:
-        H, W = image.shape[-2:]
+    def forward(self, lowres: Tensor, image: Tensor, views, proj: Tensor, hr_downscale: int = 1
+                ) -> Tensor:
+        H, W = image.shape[-2] // hr_downscale, image.shape[-1] // hr_downscale
         hr = self.upsampler(lowres, image, output_size=(H, W))
         if tuple(hr.shape[-2:]) != (H, W):
             raise RuntimeError(f"the upsampler returned {list(hr.shape)}, expected spatial size "
@@ -162,7 +164,7 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
                     resume: str | os.PathLike | None = None, amp: str | None = None,
                     device=None, progress: bool = True, tensorboard: bool = False,
                     clip_warmup_steps: int = 10, clip_warmup_norm: float = 1e-4,
-                    history: list | None = None) -> nn.Module:
+                    hr_downscale: int = 1, history: list | None = None) -> nn.Module:
     """Train a JBU upsampler for ``backbone`` on the images in ``data``.
 
     Args:
@@ -180,6 +182,9 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
             ``forward(source[B, C, h, w], guidance[B, 3, H, W], output_size=(H, W))``.
         downsampler: ``"attention"`` or ``"simple"``.  amp: None or ``"bf16"`` (autocast).
         resume: a checkpoint file or a previous ``out_dir``; must be for the same backbone/layer.
+        hr_downscale: train the upsampler's output at ``image_size / hr_downscale`` (an integer
+            dividing the image size and the stride; views are sampled at that resolution and
+            applied, scaled, to the image). 2 quarters the cost of the high-res maps.
         history: if a list, one dict per logged step is appended (step, loss, seconds per step).
 
     Returns:
@@ -198,8 +203,12 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
     if amp not in (None, "bf16"):
         raise ValueError(f"expected amp=None or 'bf16', got {amp!r}")
     size = _size2(image_size)
-    cfg = TrainConfig(steps, batch_size, size, lr, n_jitters, max_pad, max_zoom, random_projection,
-                      downsampler, tv_weight, clip_warmup_steps, clip_warmup_norm, seed, amp)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, hr_downscale=hr_downscale,
+                      image_size=size, lr=lr, n_jitters=n_jitters, max_pad=max_pad,
+                      max_zoom=max_zoom, random_projection=random_projection,
+                      downsampler=downsampler, tv_weight=tv_weight,
+                      clip_warmup_steps=clip_warmup_steps, clip_warmup_norm=clip_warmup_norm,
+                      seed=seed, amp=amp)
 
     dist = D.setup(device)
     dev = dist.device
@@ -211,6 +220,11 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
         if min(size) < stride:
             raise ValueError(f"expected image_size of at least the backbone's stride ({stride} px), "
                              f"got {size[0]}x{size[1]}")
+        d = int(hr_downscale)
+        if d < 1 or size[0] % d or size[1] % d or stride % d:
+            raise ValueError(f"expected hr_downscale to be an integer >= 1 dividing the image size "
+                             f"{size[0]}x{size[1]} and the stride {stride}, got {hr_downscale}")
+        hr_size = (size[0] // d, size[1] // d)
         dataset = as_dataset(data, size, min_size=stride)
         start_ckpt = (ckpt_mod.load_checkpoint(resume, backbone_id=bid, layer=lyr, feature_dim=dim)
                       if resume is not None else None)
@@ -218,8 +232,8 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
             src.to(dev)
         torch.manual_seed(seed)  # same initial weights for the same seed (and on every rank)
         up = _make_upsampler(upsampler, dim)
-        objective = MultiViewObjective(up, make_downsampler(downsampler, dim, stride), ScaleNet(dim),
-                                       tv_weight).to(dev)
+        objective = MultiViewObjective(up, make_downsampler(downsampler, dim, stride // d),
+                                       ScaleNet(dim), tv_weight).to(dev)
         optim = torch.optim.NAdam(objective.parameters(), lr=lr)
         step = 0
         rows: list[dict] = []
@@ -282,11 +296,11 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
                 lowres = src.features(x).float()
                 views = []
                 for _ in range(n_jitters):
-                    t = sample_jitter(size, max_pad, max_zoom, generator=g)
-                    views.append((t, src.features(t(x)).float()))
+                    t = sample_jitter(hr_size, max_pad // d, max_zoom, generator=g)
+                    views.append((t, src.features(t.scaled(d)(x)).float()))
             proj = _random_projection(dim, random_projection, generator=g, device=dev)
             with torch.autocast(dev.type, torch.bfloat16, enabled=amp == "bf16"):
-                loss = model(lowres, x, views, proj)
+                loss = model(lowres, x, views, proj, d)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}")
             optim.zero_grad(set_to_none=True)
