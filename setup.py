@@ -59,7 +59,7 @@ def _extensions():
         return [], {}
 
     cpu_sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-DNDEBUG"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, CSRC)]
 
@@ -77,7 +77,7 @@ def _extensions():
             cpu_sources + cuda_sources,
             include_dirs=include_dirs + _extra_cuda_includes(),
             define_macros=define_macros + [("FEATUP_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math",
                                                            "-DNDEBUG"]},
             extra_link_args=["-fopenmp"],
         )

@@ -1,0 +1,31 @@
+// Declares the featup_adapters ops once. Kernels register per device in cpu/ and cuda/;
+// fake kernels and autograd are registered from Python (featup_adapters/ops/_registration.py),
+// which set_python_module points to so they are found whenever the ops are used.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/kernels.h"
+
+extern "C" {
+// `import featup_adapters._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "featup_adapters ops", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace featup_adapters {
+
+static std::string cpu_isa() { return cpu::best_kernels().name; }
+
+TORCH_LIBRARY(featup_adapters, m) {
+  m.set_python_module("featup_adapters.ops._registration");
+  m.def("adaptive_conv(Tensor input, Tensor filters) -> Tensor");
+  m.def("adaptive_conv_grad_input(Tensor grad_out, Tensor filters) -> Tensor");
+  m.def("adaptive_conv_grad_filters(Tensor grad_out, Tensor input) -> Tensor");
+  m.def("_cpu_isa() -> str", &cpu_isa);
+}
+
+}  // namespace featup_adapters
