@@ -7,8 +7,12 @@
 How it works: a forward pre-hook on the module that receives the image captures the guidance (the
 very tensor the backbone got, so normalization matches training); a forward hook on the feature
 module captures its output, which the adapter turns into ``Tensor[B, C, h, w]`` without changing a
-value. Hooks only record while the neck's own forward runs, per device (``DataParallel`` replicas
-share the hooks), and what they stored is dropped when the forward ends, exception or not. Calling
+value. Hooks only record while the neck's own forward runs, and they record per running forward:
+the slot is keyed by the calling thread, since forward hooks run in the thread that calls the
+model and ``DataParallel`` runs each device's replica (which shares the original's hooks) in its own
+thread. So each device keeps its own outputs, a backbone that moves tensors across devices is
+still read, and concurrent calls from several threads do not mix. What a forward stored is
+dropped when it ends, exception or not. Calling
 the backbone directly while wrapped returns its normal output; ``neck.remove()`` (or leaving a
 ``with`` block) detaches every hook.
 """
@@ -32,7 +36,7 @@ OutputSize = Union[None, Real, Sequence[int]]
 
 
 class _Recorder:
-    """Hook target: stores outputs in ``store[device]`` while that device's forward is armed."""
+    """Hook target: stores outputs in ``store[thread]`` while that thread's neck forward runs."""
 
     def __init__(self, store: Dict[Any, Dict[str, Any]], select):
         self.store = store
@@ -41,19 +45,19 @@ class _Recorder:
     def features(self, module, args, output):
         if not self.store:  # not armed: a direct call of the backbone, leave it alone
             return
-        tensor = self.select(output)
-        slot = self.store.get(tensor.device)
+        slot = self.store.get(threading.get_ident())
         if slot is not None:
-            slot["features"] = tensor
+            slot["features"] = self.select(output)
 
     def guidance(self, module, args, kwargs):
         if not self.store:
             return
+        slot = self.store.get(threading.get_ident())
+        if slot is None or "guidance" in slot:
+            return
         image = args[0] if args else next((v for v in kwargs.values() if torch.is_tensor(v)), None)
         if torch.is_tensor(image):
-            slot = self.store.get(image.device)
-            if slot is not None and "guidance" not in slot:
-                slot["guidance"] = image
+            slot["guidance"] = image
 
 
 class FeatUpNeck(nn.Module):
@@ -139,16 +143,17 @@ class FeatUpNeck(nn.Module):
             got = list(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"expected images of shape [B, 3, H, W], got {got}")
         self.adapter.check_input(self.backbone, images)
-        device = images.device
+        key = threading.get_ident()
         with self._lock:
-            if device in self._store:
-                raise RuntimeError(f"FeatUpNeck is already running on {device}; it is not re-entrant")
-            self._store[device] = {}
+            if key in self._store:
+                raise RuntimeError("FeatUpNeck.forward is not re-entrant: the backbone called the neck again")
+            self._store[key] = {}
         try:
             self.adapter.call(self.backbone, images)
-            slot = self._store[device]
+            slot = self._store[key]
         finally:
-            self._store.pop(device, None)
+            with self._lock:
+                self._store.pop(key, None)
         if "features" not in slot:
             raise RuntimeError(f"module {self.layer!r} did not run during the backbone's forward; "
                                "pass layer= to choose one that does")

@@ -219,8 +219,23 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         raise ValueError(f"{type(model).__name__} has no module {name!r}; some that exist: {near}") from None
 
 
-def probe(backbone: nn.Module, adapter: Adapter, size: Tuple[int, int] = (224, 224)) -> Tuple[int, int]:
-    """Run a dummy forward to learn ``(channels, stride)``; used only when the adapter cannot tell."""
+def _declared_size(backbone: nn.Module) -> Tuple[int, int]:
+    """The input size a model declares (``image_size`` / ``img_size`` attribute), else 224x224."""
+    for attr in ("image_size", "img_size"):
+        value = getattr(backbone, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value, value
+        if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+            return int(value[0]), int(value[1])
+    return 224, 224
+
+
+def probe(backbone: nn.Module, adapter: Adapter, size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """Run a dummy forward to learn ``(channels, stride)``; used only when the adapter cannot tell.
+
+    ``size`` defaults to the size the model declares (``image_size`` / ``img_size``), else 224x224.
+    """
+    size = size or _declared_size(backbone)
     captured = {}
 
     def hook(_m, _a, out):
