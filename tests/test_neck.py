@@ -232,11 +232,13 @@ def test_baseline_upsamplers_by_name(mode):
 
 
 def test_jbu_upsampler_by_name_is_trainable():
-    with featup_adapters.wrap(_cnn(), "jbu", layer="stage") as neck:
+    # stride-4 features of a 32x16 image (8x4) upsampled to 4x the image: 16x, all four JBU stages
+    with featup_adapters.wrap(_cnn(), "jbu", layer="stage", output_size=4) as neck:
         hr = neck(torch.randn(1, 3, 32, 16))
         hr.square().mean().backward()
-        assert tuple(hr.shape) == (1, 8, 32, 16)
-        assert all(p.grad is not None for p in neck.upsampler.parameters())
+        assert tuple(hr.shape) == (1, 8, 128, 64)
+        missing = [n for n, p in neck.upsampler.named_parameters() if p.grad is None]
+        assert not missing, missing
 
 
 def test_auto_without_a_registered_upsampler_says_how_to_train_one():
