@@ -270,6 +270,13 @@ def _resolve_upsampler(upsampler, dim: int, backbone_id: Optional[str]) -> nn.Mo
                 f"`featup-adapters train --backbone <spec> --data <images> --out <dir>` (e.g. --backbone "
                 f"{_spec_hint(backbone_id)}) and pass upsampler='<dir>', or use upsampler='bilinear' / 'bicubic' "
                 "as a baseline")
+        entry = next((e for e in hub.list_upsamplers() if e.get("name") == name), {})
+        if entry.get("dim") is not None and int(entry["dim"]) != int(dim):  # before any download
+            error = getattr(hub, "IncompatibleUpsamplerError", ValueError)
+            raise error(f"the pretrained upsampler {name} registered for backbone {backbone_id!r} expects "
+                        f"{entry['dim']}-channel features ({entry.get('features') or 'see its entry'}), but the "
+                        f"chosen layer gives {dim} channels; pick the matching layer= or train an upsampler "
+                        f"for these features (`featup-adapters train --backbone {_spec_hint(backbone_id)}`)")
         upsampler = name
     if upsampler in BASELINES:
         from .upsamplers import make_upsampler

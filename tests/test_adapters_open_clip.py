@@ -89,3 +89,21 @@ def test_timm_trunk_tower_is_read_like_timm():
 
     neck, _, _ = check_wrapped(visual, images, reference, channels=512)
     assert neck.layer == "trunk.layer4"
+
+
+def test_proj_layer_gives_tokens_projected_to_the_embedding():
+    visual = _vit_tower()
+    images = torch.randn(1, 3, 32, 48)
+
+    def reference(m, x):
+        return tokens_to_map(_tokens_after_ln_post(m, x) @ m.proj, 0, 4, 6)
+
+    neck, _, _ = check_wrapped(visual, images, reference, channels=16, layer="proj")
+    assert neck.layer == "ln_post"
+
+
+def test_auto_with_featup_clip_upsampler_and_unprojected_tokens_fails_before_any_download():
+    pytest.importorskip("featup_adapters.hub")
+    # FeatUp's CLIP upsampler is registered for open_clip/ViT-B-16 and expects 512 channels
+    with pytest.raises(ValueError, match=r"featup/clip.*512-channel.*gives 32 channels"):
+        featup_adapters.wrap(_vit_tower(), "auto", backbone_id="open_clip/ViT-B-16")

@@ -44,7 +44,7 @@ def test_token_model_features_are_last_hidden_state_without_prefix_tokens(kind):
 
     neck, _, lr = check_wrapped(model, images, reference, channels=32, call=_hf_call)
     assert neck.stride == 8
-    assert neck.backbone_id == f"hf/{model.config.model_type}"
+    assert neck.backbone_id == f"hf/{model.config.model_type}"  # no hub id: built from a bare config
 
 
 def test_clip_features_are_taken_before_post_layernorm():

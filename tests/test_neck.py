@@ -244,3 +244,29 @@ def test_jbu_upsampler_by_name_is_trainable():
 def test_auto_without_a_registered_upsampler_says_how_to_train_one():
     with pytest.raises(LookupError, match=r"featup-adapters train --backbone"):
         featup_adapters.wrap(_cnn(), "auto", layer="stage", backbone_id="my/tiny_cnn")
+
+
+def test_auto_loads_the_upsampler_registered_for_the_backbone(tmp_path):
+    hub = pytest.importorskip("featup_adapters.hub")
+    from featup_adapters.upsamplers import JBUStack
+
+    trained = JBUStack(8)
+    trained.save_pretrained(tmp_path / "up", backbone_id="my/tiny_cnn", layer="stage", use_norm=True)
+    hub.register_upsampler("test/tiny_cnn", tmp_path / "up", overwrite=True)
+    try:
+        with featup_adapters.wrap(_cnn(), "auto", layer="stage", backbone_id="my/tiny_cnn") as neck:
+            assert isinstance(neck.upsampler, JBUStack) and isinstance(neck.norm, nn.LayerNorm)
+            for a, b in zip(neck.upsampler.state_dict().values(), trained.state_dict().values()):
+                assert torch.equal(a, b)
+            assert neck(torch.randn(1, 3, 32, 16)).shape == (1, 8, 32, 16)
+        with pytest.raises(ValueError, match=r"trained for backbone my/tiny_cnn.*other/net"):
+            featup_adapters.wrap(_cnn(), str(tmp_path / "up"), layer="stage", backbone_id="other/net")
+    finally:
+        hub.unregister_upsampler("test/tiny_cnn")
+
+
+def test_upsampler_for_another_channel_count_is_rejected_naming_both():
+    from featup_adapters.upsamplers import JBUStack
+
+    with pytest.raises(ValueError, match=r"16-channel.*8 channels"):
+        featup_adapters.wrap(_cnn(), JBUStack(16), layer="stage")

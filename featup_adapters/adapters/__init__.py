@@ -100,14 +100,13 @@ def adapter_for(model: nn.Module, layer: Union[None, str, Layer] = None) -> Adap
         layer = Layer(layer)
     elif layer is not None and not isinstance(layer, Layer):
         raise TypeError(f"expected layer as a module name (str) or Layer, got {type(layer).__name__}")
-    if layer is not None:
-        get_module(model, layer.name)  # fail early with the list of modules that exist
     ecosystem = ecosystem_of(model)
     if ecosystem is None:
         if layer is None:
             raise _unsupported(model)
         ecosystem = "generic"
     adapter = _builder(ecosystem)(model, layer)
+    get_module(model, adapter.spec.module)  # fail early, listing modules that exist
     changes = {}
     if origin is not None and origin.backbone_id is not None:
         changes["backbone_id"] = origin.backbone_id

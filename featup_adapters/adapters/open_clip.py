@@ -11,6 +11,9 @@ tower itself.
 * ``ModifiedResNet`` (RN50 ...): ``layer4`` (stride 32). The neck runs the stem and the four
   stages itself and skips ``attnpool``, so any input size works.
 * ``TimmModel`` towers: read as timm reads the ``trunk``.
+
+``layer="proj"`` gives the ViT tokens projected to the embedding space (``tokens @ visual.proj``,
+e.g. 512 channels for ViT-B-16): the features FeatUp's released CLIP upsampler was trained on.
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ class OpenClipAdapter(Adapter):
     ecosystem = "open_clip"
 
     def __init__(self, spec: FeatureSpec, visual_path: str, resnet_stages: bool = False,
-                 inner: Optional[Adapter] = None, inner_path: str = ""):
+                 inner: Optional[Adapter] = None, inner_path: str = "", project: bool = False):
         super().__init__(spec)
+        self.project = project  # multiply the tokens by visual.proj
         self.visual_path = visual_path.rstrip(".")
         self.resnet_stages = resnet_stages
         self.inner = inner  # the timm adapter of a TimmModel trunk
@@ -58,6 +62,11 @@ class OpenClipAdapter(Adapter):
                 x = stage(x)
             return x
         return visual(images)
+
+    def to_map(self, features: Tensor, backbone: nn.Module, image_size: Tuple[int, int]) -> Tensor:
+        if self.project:
+            features = features @ self._tower(backbone).proj  # [B, N, width] -> [B, N, embed_dim]
+        return super().to_map(features, backbone, image_size)
 
     def grid_size(self, backbone: nn.Module, image_size: Tuple[int, int]) -> Tuple[int, int]:
         if self.inner is not None:
@@ -95,6 +104,13 @@ def build_open_clip_adapter(model: nn.Module, layer: Optional[Layer]) -> Adapter
     patch = int(visual.patch_size[0]) if is_vit else None
     width = int(visual.conv1.out_channels) if is_vit else None
 
+    if layer is not None and layer.name in ("proj", f"{path}proj"):
+        if not is_vit or getattr(visual, "proj", None) is None or getattr(visual, "attn_pool", None) is not None:
+            raise ValueError(f"layer='proj' needs an open_clip VisionTransformer with a proj matrix, got "
+                             f"{type(visual).__name__}")
+        module = "transformer" if getattr(visual, "final_ln_after_pool", False) else "ln_post"
+        spec = FeatureSpec(path + module, "tokens", int(visual.proj.shape[1]), patch, 1, **common)
+        return OpenClipAdapter(spec, path, project=True)
     if layer is not None:
         prefix = layer.num_prefix_tokens if layer.num_prefix_tokens is not None else (1 if is_vit else None)
         spec = FeatureSpec(layer.name, layer.layout, layer.channels, layer.patch_size or patch, prefix,

@@ -151,15 +151,17 @@ def _create_hf(model_id: str, pretrained, kwargs):
 
     if pretrained:
         model = transformers.AutoModel.from_pretrained(model_id, **kwargs)
-        return model, BackboneOrigin(f"hf/{model_id}")
-    if model_id in transformers.CONFIG_MAPPING:
+        return model, BackboneOrigin(model_id)
+    if model_id in transformers.CONFIG_MAPPING:  # a model type: random init from its default config
         config = transformers.AutoConfig.for_model(model_id, **kwargs)
-    else:
+        bid = f"hf/{model_id}"
+    else:  # a hub id or local directory: its config (a small download for hub ids), random weights
         config = transformers.AutoConfig.from_pretrained(model_id, **kwargs)
+        bid = model_id
     if getattr(config, "vision_config", None) is not None and model_id in ("clip", "siglip"):
         config = config.vision_config
     model = transformers.AutoModel.from_config(config)
-    return model, BackboneOrigin(f"hf/{model_id}")
+    return model, BackboneOrigin(bid)
 
 
 def _create_open_clip(name: str, pretrained, kwargs):

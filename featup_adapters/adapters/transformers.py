@@ -95,8 +95,10 @@ def build_transformers_adapter(model: nn.Module, layer: Optional[Layer]) -> Adap
     patch = getattr(config, "patch_size", None)
     patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch) if patch is not None else None
     mean, std = _NORM.get(model_type, (IMAGENET_MEAN, IMAGENET_STD))
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "") or model_type
-    common = dict(mean=mean, std=std, input_module=call_path, backbone_id=f"hf/{name_or_path}")
+    # backbone ids follow hub repo ids ("facebook/dinov2-small", like "timm/vit_small_patch16_224.dino");
+    # a model built from a bare config is "hf/<model_type>"
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "")
+    common = dict(mean=mean, std=std, input_module=call_path, backbone_id=name_or_path or f"hf/{model_type}")
     hidden = getattr(config, "hidden_size", None)
     if hidden is None and getattr(config, "hidden_sizes", None):
         hidden = config.hidden_sizes[-1]
