@@ -13,7 +13,7 @@ export CUDA_HOME ?= $(if $(NVCC),$(patsubst %/bin/nvcc,%,$(realpath $(NVCC))),)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install install-detectron2 test test-fast demo bench clean
 
 $(PY):
 	@echo ">> creating $(VENV) with $$($(PYTHON) --version)"
@@ -34,10 +34,18 @@ $(VENV)/.ext-built: $(VENV)/.deps-installed setup.py $(CSRC)
 	FEATUP_REQUIRE_EXT=1 $(PY) setup.py -q build_ext --inplace
 	touch $@
 
-install: $(VENV)/.ext-built
+# detectron2 from the hash-checked PyPI wheel (no network to its git repository here);
+# idempotent, see scripts/install_detectron2.sh.
+$(VENV)/.detectron2-installed: $(VENV)/.deps-installed scripts/install_detectron2.sh
+	bash scripts/install_detectron2.sh $(PY)
+	touch $@
+
+install-detectron2: $(VENV)/.detectron2-installed
+
+install: $(VENV)/.ext-built $(VENV)/.detectron2-installed
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
