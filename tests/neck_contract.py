@@ -6,7 +6,7 @@
     by the test itself) bit for bit;
   * the guidance the upsampler got is the very tensor the backbone received;
   * calling the backbone directly while wrapped returns exactly its normal output;
-  * gradients reach every upsampler parameter;
+  * gradients reach every upsampler parameter (the backbone is frozen);
   * after ``remove()`` no hook is left anywhere in the backbone.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def direct_call(model, images, call=None):
 def check_wrapped(model: nn.Module, images: torch.Tensor, reference, *, channels: int, layer=None,
                   call=None, backbone_id=None, guidance_is_input=True):
     """Wrap ``model`` and run every check of the module docstring; returns ``(neck, hr, lr)``."""
-    model.eval()
+    model.eval().requires_grad_(False)  # frozen, as when training an upsampler: gradients stop at the features
     normal = direct_call(model, images, call)
     # same grad mode as the neck's forward: under no_grad, torch's MultiheadAttention takes a fast
     # path whose results differ in the last bits
