@@ -151,6 +151,11 @@ class FeatUpNeck(nn.Module):
         try:
             self.adapter.call(self.backbone, images)
             slot = self._store[key]
+        except Exception as err:
+            err.add_note(f"featup_adapters: raised by the wrapped {type(self.backbone).__name__} on images of shape "
+                         f"{list(images.shape)}; if it rejects this size, resize the images or build the backbone "
+                         "for it")
+            raise
         finally:
             with self._lock:
                 self._store.pop(key, None)

@@ -117,8 +117,9 @@ def test_exception_inside_the_backbone_releases_stored_outputs():
         raise RuntimeError("head exploded")
 
     handle = model.head.register_forward_hook(fail)  # runs after the hooked stage stored its output
-    with pytest.raises(RuntimeError, match="head exploded"):
+    with pytest.raises(RuntimeError, match="head exploded") as err:
         neck(torch.randn(1, 3, 16, 16))
+    assert "images of shape [1, 3, 16, 16]" in "".join(err.value.__notes__)
     assert neck._store == {}
     handle.remove()
     assert neck(torch.randn(1, 3, 16, 16)).shape == (1, 8, 16, 16)
