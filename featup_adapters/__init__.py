@@ -24,6 +24,8 @@ _LAZY = {
     "FeatUpNeck": ".neck",
     "register_backbone": ".adapters",
     "default_backbone": ".adapters",
+    "create_backbone": ".adapters",
+    "Layer": ".adapters",
     "train_upsampler": ".training",
     "fit_implicit": ".training",
 }
