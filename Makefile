@@ -7,9 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC := torch==2.14.1 torchvision==0.29.1
 CSRC := $(shell find featup_adapters/csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
-# CUDA code is compiled whenever a toolchain is present, even without a GPU.
-NVCC := $(shell command -v nvcc 2>/dev/null)
-export CUDA_HOME ?= $(if $(NVCC),$(patsubst %/bin/nvcc,%,$(realpath $(NVCC))),)
+# CUDA code is compiled whenever a toolchain is present, even without a GPU: setup.py finds it
+# (CUDA_HOME, nvcc on PATH, /usr/local/cuda) and says which it uses.
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
@@ -30,7 +29,7 @@ $(VENV)/.deps-installed: $(VENV)/.torch-installed setup.cfg pyproject.toml
 	touch $@
 
 $(VENV)/.ext-built: $(VENV)/.deps-installed setup.py $(CSRC)
-	@echo ">> compiling the featup_adapters._C extension (CPU kernel$(if $(CUDA_HOME), + CUDA kernel for $(TORCH_CUDA_ARCH_LIST)))"
+	@echo ">> compiling the featup_adapters._C extension (CPU kernel, and the CUDA kernel if a CUDA toolchain is found)"
 	FEATUP_REQUIRE_EXT=1 $(PY) setup.py -q build_ext --inplace
 	touch $@
 

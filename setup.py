@@ -27,13 +27,44 @@ def _log(msg):
     print(f"[featup_adapters setup] {msg}", file=sys.stderr)
 
 
+def _is_toolkit(path):
+    return bool(path) and os.path.exists(os.path.join(path, "bin", "nvcc")) and os.path.exists(
+        os.path.join(path, "include", "cuda_runtime.h"))
+
+
+def _nvcc_top(nvcc):
+    """The toolkit folder nvcc itself reports (works when nvcc on PATH is a wrapper script)."""
+    import subprocess
+    import tempfile
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.cu")
+            open(src, "w").close()
+            out = subprocess.run([nvcc, "--dryrun", "-c", src], capture_output=True, text=True,
+                                 timeout=60, cwd=tmp)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if "TOP=" in line:
+            return os.path.realpath(line.split("TOP=", 1)[1].strip())
+    return None
+
+
 def _cuda_home():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
+    """A CUDA toolkit folder (bin/nvcc + include/cuda_runtime.h), or None."""
+    for key in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit(os.environ.get(key)):
+            return os.environ[key]
+        if os.environ.get(key):
+            _log(f"ignoring {key}={os.environ[key]}: no bin/nvcc and include/cuda_runtime.h there")
     nvcc = shutil.which("nvcc")
+    candidates = []
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        candidates += [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), _nvcc_top(nvcc)]
+    candidates += ["/usr/local/cuda", "/opt/cuda"]
+    for path in candidates:
+        if _is_toolkit(path):
+            return path
     return None
 
 
