@@ -135,3 +135,17 @@ def run_fit_implicit(args) -> int:
     os.replace(tmp, out)
     print(f"saved features {list(feats.shape)} to {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry: ``python -m featup_adapters.training.cli {train,fit-implicit} ...``."""
+    parser = argparse.ArgumentParser(prog="python -m featup_adapters.training.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_fit_implicit_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,26 +16,29 @@ from .jitter import sample_jitter
 @torch.no_grad()
 def multiview_error(src, upsampler: nn.Module, images: Tensor, *, n_views: int = 8,
                     max_pad: int = 20, max_zoom: float = 2.0, seed: int = 0,
-                    batch_size: int = 2) -> float:
+                    batch_size: int = 2, hr_downscale: int = 1) -> float:
     """Mean relative multi-view reconstruction error.
 
     Args:
         src: a feature source (``features``, ``stride``, ``mean``, ``std``), e.g. a wrapped neck.
         upsampler: ``forward(source[B, C, h, w], guidance[B, 3, H, W], output_size=(H, W))``.
         images: ``Tensor[N, 3, H, W]`` in [0, 1].
+        hr_downscale: upsample to ``(H, W) / hr_downscale`` instead of the image size (views are
+            then sampled at that size and applied, scaled, to the image).
     """
     from .trainer import _normalize
 
     g = torch.Generator().manual_seed(seed)
-    k = int(src.stride)
+    d = int(hr_downscale)
+    k = int(src.stride) // d
     num = den = 0.0
     for i in range(0, images.shape[0], batch_size):
         x = _normalize(images[i:i + batch_size].float(), src.mean, src.std)
-        H, W = x.shape[-2:]
+        H, W = x.shape[-2] // d, x.shape[-1] // d
         hr = upsampler(src.features(x).float(), x, output_size=(H, W)).float()
         for _ in range(n_views):
-            t = sample_jitter((H, W), max_pad, max_zoom, generator=g)
-            target = src.features(t(x)).float()
+            t = sample_jitter((H, W), max_pad // d, max_zoom, generator=g)
+            target = src.features(t.scaled(d)(x)).float()
             h, w = target.shape[-2:]
             v = t(hr)
             if tuple(v.shape[-2:]) != (h * k, w * k):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .downsamplers import SimpleDownsampler
 from .jitter import sample_jitter
 from .losses import ScaleNet, gaussian_nll, project, random_projection
-from .source import feature_source
+from .source import feature_source, release
 
 
 class ImplicitUpsampler(nn.Module):
@@ -110,10 +110,19 @@ def fit_implicit(backbone_or_neck, image, *, steps: int = 1500, output_size=None
     if steps < 0 or n_jitters < 1 or pca_dim < 1:
         raise ValueError(f"expected steps >= 0, n_jitters >= 1, pca_dim >= 1, got steps={steps}, "
                          f"n_jitters={n_jitters}, pca_dim={pca_dim}")
+    src = feature_source(backbone_or_neck, layer)
+    try:
+        return _fit(src, image, steps, output_size, pca_dim, n_jitters, max_pad, max_zoom, lr,
+                    random_projection_dim, n_freqs, hidden, seed, device, progress, history)
+    finally:
+        release(src)
+
+
+def _fit(src, image, steps, output_size, pca_dim, n_jitters, max_pad, max_zoom, lr,
+         random_projection_dim, n_freqs, hidden, seed, device, progress, history) -> Tensor:
+    stride = int(src.stride)
     dev = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    src = feature_source(backbone_or_neck, layer)
-    stride = int(src.stride)
     img = _as_image(image).to(dev)
     H, W = img.shape[-2:]
     if min(H, W) < stride:

@@ -30,9 +30,17 @@ def feature_source(backbone, layer: str | None = None):
             what = backbone if isinstance(backbone, str) else type(backbone).__name__
             raise ValueError(f"cannot find features for backbone {what!r}"
                              + (f" (layer {layer!r})" if layer else "") + f": {e}") from e
+        src._created_for_training = True
     if isinstance(src, nn.Module):
         src.eval()   # features are always computed under no_grad
     return src
+
+
+def release(src) -> None:
+    """Detach the hooks of a neck that :func:`feature_source` created (the user's model is left
+    as it came); a neck the caller passed in is left alone."""
+    if getattr(src, "_created_for_training", False) and hasattr(src, "remove"):
+        src.remove()
 
 
 def source_id(src) -> str:

@@ -34,7 +34,7 @@ from .downsamplers import make_downsampler
 from .jitter import sample_jitter
 from .losses import ScaleNet, gaussian_nll, project, tv_loss
 from .losses import random_projection as _random_projection
-from .source import feature_source, source_id, source_layer
+from .source import feature_source, release, source_id, source_layer
 
 logger = logging.getLogger("featup_adapters.training")
 
@@ -212,6 +212,7 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
 
     dist = D.setup(device)
     dev = dist.device
+    src = None
     try:
         # ---- everything that can be wrong is checked before the first step ----
         src = feature_source(backbone, layer)
@@ -345,6 +346,8 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
         D.barrier(dist)
         return up
     finally:
+        if src is not None:
+            release(src)
         D.teardown(dist)
 
 
