@@ -1,0 +1,119 @@
+"""What every upsampler shares: input checks, output-size parsing, ``save_pretrained`` and the class
+registry that lets ``featup_adapters.hub.load_upsampler`` rebuild a saved module from its config.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+# class name -> class; filled by @register_upsampler_class, read by hub.load_upsampler
+UPSAMPLER_CLASSES: dict[str, type] = {}
+
+
+def register_upsampler_class(cls: type) -> type:
+    """Class decorator: makes ``cls`` loadable by name from a saved ``config.json``.
+
+    The class must implement ``init_kwargs() -> dict`` (JSON-serializable constructor kwargs).
+    """
+    UPSAMPLER_CLASSES[cls.__name__] = cls
+    return cls
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_4d(name: str, t, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"expected {name} to be a Tensor{layout}, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"expected {name} of shape {layout} (4-D), got a {t.dim()}-D tensor of "
+                         f"shape {_shape(t)}")
+
+
+def parse_output_size(output_size, guidance: Tensor | None) -> tuple[int, int]:
+    """``None`` -> the guidance's (H, W); an int n -> (n, n); a pair -> itself (ints >= 1)."""
+    if output_size is None:
+        if guidance is None:
+            raise ValueError("output_size is required when no guidance image is given")
+        return int(guidance.shape[-2]), int(guidance.shape[-1])
+    if isinstance(output_size, torch.Size):
+        output_size = tuple(output_size)
+    if isinstance(output_size, bool) or isinstance(output_size, float):
+        raise TypeError(f"expected output_size as an int or an (H, W) pair of ints, got "
+                        f"{output_size!r} (for a scale factor pass (round(h * s), round(w * s)))")
+    if isinstance(output_size, int):
+        output_size = (output_size, output_size)
+    if (not isinstance(output_size, Sequence) or len(output_size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in output_size)):
+        raise TypeError(f"expected output_size as an int or an (H, W) pair of ints, got "
+                        f"{output_size!r}")
+    H, W = output_size
+    if H < 1 or W < 1:
+        raise ValueError(f"expected a positive output_size, got {output_size!r}")
+    return int(H), int(W)
+
+
+def check_upsampler_inputs(source: Tensor, guidance: Tensor | None, output_size, *,
+                           guidance_dim: int | None = None, dim: int | None = None,
+                           who: str = "upsampler") -> tuple[int, int]:
+    """Boundary checks shared by every upsampler; returns the output (H, W).
+
+    Each error says what was expected and what came.
+    """
+    check_4d("source", source, "[B, C, h, w]")
+    if guidance is not None:
+        check_4d("guidance", guidance,
+                 f"[B, {guidance_dim if guidance_dim is not None else 'C_g'}, H, W]")
+        if guidance.shape[0] != source.shape[0]:
+            raise ValueError(f"{who}: batch mismatch, source has B={source.shape[0]} (shape "
+                             f"{_shape(source)}) but guidance has B={guidance.shape[0]} (shape "
+                             f"{_shape(guidance)})")
+        if guidance_dim is not None and guidance.shape[1] != guidance_dim:
+            raise ValueError(f"{who}: expected guidance of shape [B, {guidance_dim}, H, W], got "
+                             f"{_shape(guidance)} ({guidance.shape[1]} channels instead of "
+                             f"{guidance_dim})")
+        if guidance.device != source.device:
+            raise ValueError(f"{who}: source and guidance must be on the same device, got source on "
+                             f"{source.device} and guidance on {guidance.device}")
+    if dim is not None and source.shape[1] != dim:
+        raise ValueError(f"{who}: expected source of shape [B, {dim}, h, w] ({dim} channels), got "
+                         f"{_shape(source)}")
+    if source.shape[-2] < 1 or source.shape[-1] < 1:
+        raise ValueError(f"{who}: expected a source with h, w >= 1, got shape {_shape(source)}")
+    H, W = parse_output_size(output_size, guidance)
+    h, w = source.shape[-2:]
+    if H < h or W < w:
+        raise ValueError(f"{who}: output size {H}x{W} is smaller than the source {h}x{w} "
+                         f"(source shape {_shape(source)}); upsamplers only enlarge")
+    return H, W
+
+
+class UpsamplerMixin:
+    """Adds ``save_pretrained`` and a ``config`` dict (metadata of the saved/loaded weights).
+
+    Subclasses implement ``init_kwargs()``: the constructor arguments that rebuild them.
+    """
+
+    config: dict
+
+    def init_kwargs(self) -> dict:  # pragma: no cover - every concrete class overrides it
+        raise NotImplementedError
+
+    def save_pretrained(self, directory, *, backbone_id: str | None = None,
+                        layer: str | None = None, use_norm: bool | None = None,
+                        extra: dict | None = None) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created if needed).
+
+        Each file is written to a temporary name and renamed into place, weights first; the config
+        records the weights' SHA-256, so a half-finished overwrite is detected on load.
+        ``backbone_id``, ``layer`` and ``use_norm`` default to the values in ``self.config`` (e.g.
+        those of a loaded FeatUp checkpoint), else None/None/False. ``extra`` must be JSON-able.
+        Read back with ``featup_adapters.hub.load_upsampler(directory)``.
+        """
+        from ..hub import save_upsampler
+        return save_upsampler(self, directory, backbone_id=backbone_id, layer=layer,
+                              use_norm=use_norm, extra=extra)
