@@ -12,9 +12,9 @@ namespace cpu {
 
 // Layouts (all contiguous):
 //   forward:      x [B][C][Hp][Wp], ft (filters transposed) [B][H][k*k][W], out [B][C][H][W]
-//                 items: (b, channel block, y) flattened, count = fwd_items(s)
+//                 items: (b, y, channel block) flattened, block fastest, count = fwd_items(s)
 //   grad_input:   gp (grad_out padded by k-1 left/right) [B][C][H][Wg], ftp (ft padded the same)
-//                 [B][H][k*k][Wg], gi [B][C][Hp][Wp], Wg = W + 2(k-1); items: (b, c block, Y)
+//                 [B][H][k*k][Wg], gi [B][C][Hp][Wp], Wg = W + 2(k-1); items: (b, Y, c block)
 //   grad_filters: g [B][C][H][W], x [B][C][Hp][Wp], gft [B][H][k*k][W]; items: (b, y)
 template <typename T>
 struct KernelSet {

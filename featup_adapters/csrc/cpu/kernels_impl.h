@@ -90,7 +90,8 @@ void forward(const T* x, const T* ft, T* out, const ConvShape& s, int64_t begin,
       xoff[i * k + j] = i * Wp + j;
     }
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t y = item % H, cb = (item / H) % nblocks, b = item / (H * nblocks);
+    // channel block fastest: consecutive items share one filter row (kept in cache)
+    const int64_t cb = item % nblocks, y = (item / nblocks) % H, b = item / (H * nblocks);
     const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
     const T* F = ft + (b * H + y) * kk * W;
     const T* X = x + input_offset(s, b, c0, y, 0);
@@ -107,7 +108,7 @@ void grad_input(const T* gp, const T* ftp, T* gi, const ConvShape& s, int64_t be
   const int64_t nblocks = num_blocks(s.C, CB);
   int64_t foff[225], xoff[225];
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t Y = item % Hp, cb = (item / Hp) % nblocks, b = item / (Hp * nblocks);
+    const int64_t cb = item % nblocks, Y = (item / nblocks) % Hp, b = item / (Hp * nblocks);
     const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
     const int64_t i0 = first_tap(Y, H), i1 = last_tap(Y, k);
     int64_t n = 0;
