@@ -58,7 +58,11 @@ def build_featup_adapter_backbone(cfg, input_shape: ShapeSpec) -> AdapterBottomU
     import featup_adapters
 
     ac = cfg.MODEL.FEATUP.ADAPTER
-    neck = featup_adapters.wrap(ac.SPEC, upsampler="bilinear", layer=ac.LAYER or None)
+    from featup_adapters.adapters import create_backbone
+
+    kwargs = {k: v for k, v in dict(ac.KWARGS).items()}
+    model = create_backbone(ac.SPEC, pretrained=True if ac.PRETRAINED else None, **kwargs)
+    neck = featup_adapters.wrap(model, upsampler="bilinear", layer=ac.LAYER or None)
     mean, std = _to_255(neck.mean), _to_255(neck.std)
     norm = GuidanceNorm(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.INPUT.FORMAT, mean, std)
     return AdapterBottomUp(neck, norm, ac.OUT_FEATURE)

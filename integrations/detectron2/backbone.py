@@ -202,7 +202,13 @@ def build_featup_backbone(cfg, input_shape: ShapeSpec) -> FeatUpBackbone:
     if missing:
         raise ValueError(f"expected MODEL.FEATUP.IN_FEATURES among the bottom-up outputs {sorted(shapes)}, "
                          f"got {in_features}")
-    ups = [make_feature_upsampler(fc.UPSAMPLER, shapes[f].channels, stages=fc.JBU_STAGES) for f in in_features]
+    ups = []
+    for f in in_features:
+        stages = fc.JBU_STAGES
+        if stages <= 0:
+            ratio = (shapes[f].stride or fc.OUT_STRIDE) / max(int(fc.OUT_STRIDE), 1)
+            stages = max(1, math.ceil(math.log2(ratio) - 1e-9)) if ratio > 1 else 1
+        ups.append(make_feature_upsampler(fc.UPSAMPLER, shapes[f].channels, stages=stages))
     if fc.FREEZE_UPSAMPLER:
         for u in ups:
             _freeze(u)

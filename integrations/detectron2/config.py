@@ -31,8 +31,9 @@ def add_featup_config(cfg: CN) -> CN:
     # (parameter-free baselines), or a directory / registered name for featup_adapters.load_upsampler
     # (only with a single IN_FEATURES entry).
     _C.MODEL.FEATUP.UPSAMPLER = "jbu"
-    # Number of 2x JBU stages of a new "jbu" stack (FeatUp uses 4); sizes in between are scheduled by it.
-    _C.MODEL.FEATUP.JBU_STAGES = 4
+    # Number of (at most 2x) JBU stages of a new "jbu" stack; 0 = ceil(log2(feature stride / OUT_STRIDE)),
+    # so that every stage is used (unused parameters break DistributedDataParallel). FeatUp: 4 (16x).
+    _C.MODEL.FEATUP.JBU_STAGES = 0
     # LayerNorm over channels before upsampling (FeatUp's "norm" checkpoints were trained with one).
     _C.MODEL.FEATUP.USE_NORM = False
     # Guidance image normalization (0-255 scale, RGB order) the upsampler expects; the input of the
@@ -51,6 +52,12 @@ def add_featup_config(cfg: CN) -> CN:
     # Backbone spec for featup_adapters.adapters.create_backbone: "timm:NAME", "hf:ID",
     # "open_clip:NAME" or a registered name such as "efficientnet_lite0".
     _C.MODEL.FEATUP.ADAPTER.SPEC = "efficientnet_lite0"
+    # Download the backbone's pretrained weights (timm / HF / open_clip); False = random init, or the
+    # registered factory's own default (the embedded "efficientnet_lite0" loads its bundled weights).
+    _C.MODEL.FEATUP.ADAPTER.PRETRAINED = False
+    # Extra keyword arguments for the model factory, e.g. {dynamic_img_size: True} for a timm ViT
+    # (detectron2 feeds images of any size).
+    _C.MODEL.FEATUP.ADAPTER.KWARGS = CN(new_allowed=True)
     # Module whose output is the feature map; "" = the adapter's default (last spatial features).
     _C.MODEL.FEATUP.ADAPTER.LAYER = ""
     # Name of the single feature map this bottom-up backbone returns.
