@@ -60,7 +60,9 @@ def main() -> int:
     results["train"] = {"steps": int(rows[-1]["step"]), "final_loss": float(rows[-1]["loss"]),
                         "first_loss": float(rows[0]["loss"]),
                         "median_sec_per_step": round(statistics.median(secs), 3),
-                        "total_minutes": round(sum(secs) * int(rows[0]["step"]) / 60, 1)}
+                        "total_minutes": round(sum(
+                            s * (int(r["step"]) - (int(rows[i - 1]["step"]) if i else 0))
+                            for i, (s, r) in enumerate(zip(secs, rows))) / 60, 1)}
     print(json.dumps(results, indent=1))
     if args.write:
         out = Path(args.write)

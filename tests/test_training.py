@@ -235,6 +235,15 @@ def test_training_at_half_resolution_features(tmp_path):
         train_upsampler(PatchSource(), data, steps=1, upsampler=up, hr_downscale=3, **KW)
 
 
+def test_bf16_autocast_trains_with_finite_loss(tmp_path):
+    data = _photo_folder(tmp_path / "data", n=2)
+    hist = []
+    up = train_upsampler(PatchSource(), data, steps=2, upsampler=GuidedUp(), amp="bf16",
+                         history=hist, **KW)
+    assert len(hist) == 2 and all(np.isfinite(r["loss"]) for r in hist)
+    assert all(p.dtype == torch.float32 for p in up.parameters())
+
+
 def test_run_writes_metrics_and_pca_snapshots(tmp_path):
     data = _photo_folder(tmp_path / "data")
     kw = {**KW, "snapshots": True, "log_every": 2}
