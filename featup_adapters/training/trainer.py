@@ -341,7 +341,8 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
         if dist.is_main and out is not None and hasattr(up, "save_pretrained"):
             up.save_pretrained(out, backbone_id=bid, layer=lyr, use_norm=False,
                                extra={"training": {**asdict(cfg), "image_size": list(size),
-                                                   "final_step": step,
+                                                   "final_step": step, "data": _describe(data),
+                                                   "num_images": len(dataset),
                                                    "world_size": dist.world_size}})
         D.barrier(dist)
         return up
@@ -349,6 +350,12 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
         if src is not None:
             release(src)
         D.teardown(dist)
+
+
+def _describe(data) -> str:
+    if data is None or isinstance(data, (str, os.PathLike)):
+        return str(data if data is not None else "embedded")
+    return type(data).__name__
 
 
 @torch.no_grad()
