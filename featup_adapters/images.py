@@ -133,7 +133,7 @@ def to_tensor(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> T
     """``np.uint8[H, W, 3]`` -> normalized ``Tensor[1, 3, H, W]`` float32: ``(rgb / 255 - mean) / std``."""
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ImageError(f"expected an RGB array of shape [H, W, 3], got {list(rgb.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
     mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
     if mean_t.numel() != 3 or std_t.numel() != 3:

@@ -146,7 +146,7 @@ def class_logit_map(features: Tensor, classifier: nn.Module | Tensor,
 
 def cam(features: Tensor, classifier: nn.Module | Tensor, class_idx: int | Sequence[int] | Tensor,
         *, head: Callable[[Tensor], Tensor] | None = None, output_size: tuple[int, int] | None = None,
-        normalize: bool = True) -> Tensor:
+        normalize: bool = True, chunk_pixels: int = 32768) -> Tensor:
     """Class activation map ``relu(w_k . head(F))`` for class ``class_idx``.
 
     Args:
@@ -156,25 +156,35 @@ def cam(features: Tensor, classifier: nn.Module | Tensor, class_idx: int | Seque
         head: pointwise layers before the global pool (see :func:`class_logit_map`).
         output_size: resize the map (bilinear) to ``(H', W')``.
         normalize: divide each map by its maximum (maps in [0, 1]).
+        chunk_pixels: the head runs on blocks of rows of about this many pixels (bounded memory
+            for a large upsampled map through a wide head).
 
     Returns:
         ``Tensor[B, H, W]`` (or ``[B, H', W']``).
     """
-    x = head(features) if head is not None else features
+    if features.dim() != 4:
+        raise ValueError(f"expected features of shape [B, C, H, W], got {list(features.shape)}")
     weight, _ = _linear_parts(classifier)
+    b, _, h, w_ = features.shape
     idx = torch.as_tensor(class_idx, dtype=torch.long).reshape(-1)
     if idx.numel() == 1:
-        idx = idx.expand(x.shape[0])
-    if idx.numel() != x.shape[0]:
-        raise ValueError(f"expected one class index or {x.shape[0]} (one per image), got {idx.numel()}")
+        idx = idx.expand(b)
+    if idx.numel() != b:
+        raise ValueError(f"expected one class index or {b} (one per image), got {idx.numel()}")
     if int(idx.min()) < 0 or int(idx.max()) >= weight.shape[0]:
         raise ValueError(f"class index out of range: the classifier has {weight.shape[0]} classes, "
                          f"got {idx.tolist()}")
-    if x.dim() != 4 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected features of shape [B, {weight.shape[1]}, H, W] after the head, "
-                         f"got {list(x.shape)}")
-    w = weight.to(x.dtype)[idx.to(weight.device)]                     # [B, D]
-    maps = torch.relu(torch.einsum("bdhw,bd->bhw", x, w))
+    w = weight[idx.to(weight.device)]                                 # [B, D]
+    rows = max(1, chunk_pixels // max(1, w_))                         # the head runs on row blocks
+    parts = []
+    for r0 in range(0, h, rows):
+        x = features[:, :, r0:r0 + rows]
+        x = head(x) if head is not None else x
+        if x.shape[1] != weight.shape[1]:
+            raise ValueError(f"expected features of shape [B, {weight.shape[1]}, H, W] after the head, "
+                             f"got {list(x.shape)}")
+        parts.append(torch.relu(torch.einsum("bdhw,bd->bhw", x, w.to(x.dtype))))
+    maps = torch.cat(parts, dim=1)
     if output_size is not None:
         maps = F.interpolate(maps[:, None], size=tuple(output_size), mode="bilinear",
                              align_corners=False)[:, 0].clamp_min(0)

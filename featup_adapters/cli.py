@@ -1,0 +1,340 @@
+"""The ``featup-adapters`` command line (also ``python -m featup_adapters``).
+
+    featup-adapters demo                              # embedded photo + default backbone -> demo.png
+    featup-adapters upsample a.jpg b.jpg --out feats/ # upsampled features (.pt) + PCA pictures
+    featup-adapters cam photo.jpg --class "tabby"     # class activation maps, low-res vs upsampled
+    featup-adapters list                              # backbones, adapters, upsamplers, op backends
+    featup-adapters bench --quick                     # the op and JBU benchmarks
+    featup-adapters train / fit-implicit / finetune-seg ...   (mounted from their packages)
+
+Every failure exits with a non-zero code and ONE line on stderr (``featup-adapters CMD: error:
+...``); ``--debug`` anywhere on the line adds the traceback.  ``main(argv) -> int`` never raises
+for a user error.  The picture commands live in :mod:`featup_adapters._cli_pictures`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+PROG = "featup-adapters"
+
+# (module, function) pairs that register sub-commands owned by other parts of the package;
+# a module that is missing or fails to import leaves its commands out, never the whole CLI.
+_MOUNTED = (
+    ("featup_adapters.training.cli", "add_train_parser"),
+    ("featup_adapters.training.cli", "add_fit_implicit_parser"),
+    ("featup_adapters.tasks.cli", "add_finetune_seg_parser"),
+    ("featup_adapters.tasks.cli", "add_probe_parser"),
+)
+_MOUNTED_EXAMPLES = {
+    "train": f"{PROG} train --backbone timm:resnet18 --data photos/ --steps 2000 --out runs/r18",
+    "fit-implicit": f"{PROG} fit-implicit cat.jpg --backbone efficientnet_lite0 --out feats.pt --steps 300",
+    "finetune-seg": f"{PROG} finetune-seg --backbone efficientnet_lite0 --data voc_like/ --out runs/seg",
+    "probe": f"{PROG} probe --backbone efficientnet_lite0",
+}
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit code 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit code 2) instead of usage + error."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fmt():
+    return argparse.RawDescriptionHelpFormatter
+
+
+def _example(*lines: str) -> str:
+    return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------
+
+def _size_arg(text: str):
+    try:
+        values = [int(v) for v in text.lower().replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 448 (longer side) or 224x320 (HxW), got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, upsampler_default: str = "auto") -> None:
+    p.add_argument("--backbone", default="efficientnet_lite0", metavar="SPEC",
+                   help="timm:NAME | hf:ID | open_clip:NAME | a registered name (default: %(default)s, "
+                        "the embedded EfficientNet-Lite0 with ImageNet weights)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="download the backbone's pretrained weights (timm:/hf: specs are random-init "
+                        "otherwise; needs the network)")
+    p.add_argument("--layer", default=None, help="module whose output is upsampled (default: the adapter's)")
+    p.add_argument("--upsampler", default=upsampler_default, metavar="NAME|DIR",
+                   help="'auto' (the one registered for the backbone), a registered name, a saved "
+                        "directory, a FeatUp checkpoint, or bilinear/bicubic (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser, with the sub-commands of other modules mounted where importable."""
+    parser = _Parser(prog=PROG, formatter_class=_fmt(),
+                     description="FeatUp joint bilateral upsampling of any backbone's features.",
+                     epilog=_example(f"{PROG} demo --out demo.png", f"{PROG} list"))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (accepted anywhere on the line)")
+    from ._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("demo", help="one picture: image, low-res, bilinear and JBU features (PCA)",
+                       formatter_class=_fmt(),
+                       description="Upsample one image's features and write a side-by-side PNG: the image, "
+                                   "the low-res features, bilinear and JBU upsampling (first 3 principal "
+                                   "components, fitted once on the low-res map). With no IMAGE, an "
+                                   "embedded photo; with no options, the embedded backbone and its "
+                                   "shipped upsampler. No network.",
+                       epilog=_example(f"{PROG} demo", f"{PROG} demo cat.jpg --size 640 --out cat_feats.png"))
+    p.add_argument("image", nargs="?", default=None, help="image file (default: an embedded photo)")
+    _add_model_args(p)
+    p.add_argument("--size", type=_size_arg, default=448, help="resize: N = longer side, or HxW (default: 448)")
+    p.add_argument("--out", default="demo.png", help="PNG to write (default: %(default)s)")
+    p.set_defaults(func=_pictures("run_demo"))
+
+    p = sub.add_parser("upsample", help="save upsampled features (.pt / .safetensors) and PCA pictures",
+                       formatter_class=_fmt(),
+                       description="Upsample the features of each image and save them as Tensor[C, H, W] "
+                                   "(.pt: torch.load gives the tensor; .safetensors: key 'features') with "
+                                   "a PCA picture per image. Images of the same size run in batches.",
+                       epilog=_example(f"{PROG} upsample photos/*.jpg --size 224x320 --out feats/",
+                                       f"{PROG} upsample a.png --backbone efficientnet_lite0 --format "
+                                       "safetensors --out feats/"))
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    _add_model_args(p)
+    p.add_argument("--size", type=_size_arg, default=None, help="resize: N = longer side, or HxW (default: as is)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=("pt", "safetensors"), default="pt")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="dtype of the saved features (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--no-pca", action="store_true", help="do not write the PCA pictures")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_pictures("run_upsample"))
+
+    p = sub.add_parser("cam", help="class activation maps from low-res vs upsampled features",
+                       formatter_class=_fmt(),
+                       description="Class activation maps for a classification backbone (the embedded "
+                                   "EfficientNet-Lite0 has its ImageNet head): the classifier applied to "
+                                   "the low-res, bilinear and JBU-upsampled features, overlaid on the "
+                                   "image side by side. Default class: the top-1 prediction.",
+                       epilog=_example(f"{PROG} cam", f"{PROG} cam cat.jpg --class 281 --out cam.png",
+                                       f"{PROG} cam dog.jpg --class 'golden retriever'"))
+    p.add_argument("image", nargs="?", default=None, help="image file (default: an embedded photo)")
+    _add_model_args(p)
+    p.add_argument("--class", dest="class_", default=None, metavar="IDX|NAME",
+                   help="class index or ImageNet class name (default: the top-1 prediction)")
+    p.add_argument("--size", type=_size_arg, default=448, help="resize: N = longer side, or HxW (default: 448)")
+    p.add_argument("--out", default="cam.png", help="PNG to write (default: %(default)s)")
+    p.set_defaults(func=_pictures("run_cam"))
+
+    p = sub.add_parser("list", help="backbones, adapters, registered upsamplers and op backends",
+                       formatter_class=_fmt(), description="What featup_adapters knows on this machine.",
+                       epilog=_example(f"{PROG} list"))
+    p.set_defaults(func=run_list)
+
+    p = sub.add_parser("bench", help="run the adaptive-conv and JBU benchmarks",
+                       formatter_class=_fmt(),
+                       description="Runs benchmarks/adaptive_conv.py and benchmarks/jbu.py (from a source "
+                                   "checkout) and prints their tables.",
+                       epilog=_example(f"{PROG} bench --quick", f"{PROG} bench --only jbu"))
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--only", choices=("op", "jbu"), default=None, help="run one benchmark")
+    p.set_defaults(func=run_bench)
+
+    _mount(sub)
+    return parser
+
+
+def _pictures(name: str):
+    def run(args):
+        from . import _cli_pictures
+
+        return getattr(_cli_pictures, name)(args)
+
+    run.__name__ = name
+    return run
+
+
+def _mount(sub) -> None:
+    for module_name, func_name in _MOUNTED:
+        try:
+            add = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError):
+            continue
+        try:
+            p = add(sub)
+        except argparse.ArgumentError:  # already registered by another entry
+            continue
+        if isinstance(p, argparse.ArgumentParser) and not p.epilog:
+            example = _MOUNTED_EXAMPLES.get(p.prog.rsplit(" ", 1)[-1])
+            if example:
+                p.epilog = _example(example)
+                p.formatter_class = _fmt()
+
+
+# --------------------------------------------------------------------------------------------
+# list, bench
+# --------------------------------------------------------------------------------------------
+
+def _installed(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def run_list(args) -> int:
+    from . import adapters, hub, ops
+    from .adapters.registry import _REGISTRY as backbones
+
+    out = []
+    out.append("Backbones (--backbone SPEC):")
+    for name in adapters.list_backbones():
+        entry = backbones[name]
+        extra = "  [default]" if name == "efficientnet_lite0" else ""
+        out.append(f"  {name:<24} id {entry.backbone_id}, stride {entry.patch_size}{extra}")
+    out.append("  timm:NAME | hf:ID | open_clip:NAME   any model of these ecosystems "
+               "(random init unless --pretrained)")
+    out.append("Adapters (ecosystems found automatically; any other nn.Module with --layer):")
+    for eco, package in (("timm", "timm"), ("transformers", "transformers"), ("open_clip", "open_clip_torch")):
+        out.append(f"  {eco:<14} {package} {_installed(package)}")
+    out.append("Upsamplers (--upsampler NAME; baselines: bilinear, bicubic, nearest):")
+    hub_dir = None
+    for e in hub.list_upsamplers():
+        src = str(e.get("source", ""))
+        if src.startswith(("http://", "https://")):
+            if hub_dir is None:
+                import torch.hub
+
+                hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+            cached = e.get("file_name") and (hub_dir / e["file_name"]).is_file()
+            where = "downloadable" + (", cached" if cached else "")
+        else:
+            where = "local"
+        ids = ", ".join(e.get("backbone_ids") or []) or "-"
+        out.append(f"  {e['name']:<24} {where:<20} dim {str(e.get('dim') or '?'):<5} "
+                   f"norm {'yes' if e.get('use_norm') else 'no ':<3}  for {ids}")
+        if where == "local":
+            out.append(f"  {'':<24} {src}")
+    out.append("Op backend (adaptive_conv) per device:")
+    for device in ("cpu", "cuda"):
+        out.append(f"  {ops.backend(device)}")
+    import torch
+
+    out.append(f"  (torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
+    print("\n".join(out))
+    return 0
+
+
+def _benchmarks_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not here.is_dir():
+        raise CLIError(f"the benchmarks are scripts in the source checkout ({here} not found); run "
+                       f"{PROG} bench from a clone of the repository")
+    return here
+
+
+def _load_script(path: Path):
+    import importlib.util
+
+    if not path.is_file():
+        raise CLIError(f"benchmark script not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_featup_bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(args) -> int:
+    root = _benchmarks_dir()
+    scripts = {"op": root / "adaptive_conv.py", "jbu": root / "jbu.py"}
+    for key, path in scripts.items():
+        if args.only and key != args.only:
+            continue
+        print(f"== {path.name} {'--quick' if args.quick else ''}".rstrip(), flush=True)
+        rc = _load_script(path).main(["--quick"] if args.quick else [])
+        if isinstance(rc, int) and rc != 0:
+            raise CLIError(f"{path.name} exited with code {rc}")
+        print(flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if not text:
+        text = type(exc).__name__
+    elif not isinstance(exc, (CLIError, ValueError, LookupError, OSError, TypeError)):
+        text = f"{type(exc).__name__}: {text}"
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = exc.args[0]
+    notes = [" ".join(n.split()) for n in getattr(exc, "__notes__", []) or []]
+    return "; ".join([text, *notes])
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    stream = file or sys.stderr
+    try:
+        stream.write(f"{PROG}: warning: {' '.join(str(message).split())}\n")
+    except OSError:
+        pass
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit code (0 success, 1 failure, 2 usage error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [a for i, a in enumerate(argv) if not (a == "--debug" and i < end)]
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, usage errors
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    args.debug = debug
+    old_showwarning = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _show_warning
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except Exception as exc:  # every failure: one line, traceback only with --debug
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = old_showwarning
+
+
+if __name__ == "__main__":  # python -m featup_adapters.cli (e.g. under torchrun)
+    raise SystemExit(main())
