@@ -239,9 +239,11 @@ def run_list(args) -> int:
         if where == "local":
             out.append(f"  {'':<24} {src}")
     out.append("Op backend (adaptive_conv) per device:")
-    for device in ("cpu", "cuda"):
-        out.append(f"  {ops.backend(device)}")
     import torch
+
+    for device in ("cpu", "cuda"):
+        note = "" if device != "cuda" or torch.cuda.is_available() else "  [no CUDA device on this machine]"
+        out.append(f"  {ops.backend(device)}{note}")
 
     out.append(f"  (torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
     print("\n".join(out))
