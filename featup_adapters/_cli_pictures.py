@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import viz
 from .cli import PROG, CLIError
 from .images import ImageError, default_image, load_image, read_rgb, resize_rgb, check_min_size, to_tensor
 
@@ -113,7 +114,6 @@ def _load_one(path, neck, size):
 # --------------------------------------------------------------------------------------------
 
 def run_demo(args) -> int:
-    from . import viz
 
     timings: list = []
     device = _device(args)
@@ -174,6 +174,7 @@ def _save_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~viz._umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -193,7 +194,6 @@ def _save_features(path: Path, feats, fmt: str, metadata: dict) -> None:
 def run_upsample(args) -> int:
     from tqdm import tqdm
 
-    from . import viz
 
     if args.batch_size < 1:
         raise CLIError(f"expected --batch-size >= 1, got {args.batch_size}")
@@ -289,7 +289,6 @@ def _imagenet_names() -> list[str]:
 
 
 def run_cam(args) -> int:
-    from . import viz
 
     timings: list = []
     device = _device(args)

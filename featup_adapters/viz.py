@@ -50,7 +50,7 @@ def _as_chw(fmap: Tensor, i: int) -> Tensor:
 
 
 def pca_rgb(*feature_maps: Tensor, fit_on: int = 0, quantile: float = 0.01,
-            max_fit_pixels: int = 65536) -> list[np.ndarray]:
+            max_fit_pixels: int = 16384) -> list[np.ndarray]:
     """Project feature maps onto the first 3 principal components of one of them, as RGB.
 
     The projection (mean, components, colour range) is fitted ONCE on ``feature_maps[fit_on]``
@@ -84,7 +84,8 @@ def pca_rgb(*feature_maps: Tensor, fit_on: int = 0, quantile: float = 0.01,
     mean = fit.mean(0, keepdim=True)
     centered = fit - mean
     cov = centered.T @ centered / max(1, centered.shape[0] - 1)       # [C, C]
-    evals, evecs = torch.linalg.eigh(cov)                             # ascending
+    # numpy's eigh: torch's first LAPACK call in a process costs seconds of start-up
+    evecs = torch.from_numpy(np.linalg.eigh(cov.numpy())[1])          # ascending eigenvalues
     k = min(3, c)
     comps = evecs[:, -k:].flip(-1)                                    # [C, k], largest first
     signs = torch.sign(comps.gather(0, comps.abs().argmax(0, keepdim=True)))
@@ -94,10 +95,12 @@ def pca_rgb(*feature_maps: Tensor, fit_on: int = 0, quantile: float = 0.01,
     hi = torch.quantile(proj_fit, 1.0 - quantile, dim=0)
     span = torch.where(hi - lo > 1e-12, hi - lo, torch.ones_like(hi))
     out = []
+    weight = (comps / span).T.float()                                 # [k, C], scaled to unit range
+    offset = ((mean @ comps).reshape(-1) + lo) / span                 # [k]
     for m in maps:
         _, h, w = m.shape
-        proj = (m.reshape(c, -1).T.double() - mean) @ comps           # [H*W, k]
-        unit = ((proj - lo) / span).clamp(0, 1)
+        proj = weight @ m.reshape(c, -1)                              # [k, H*W], float32
+        unit = (proj.T.double() - offset).clamp(0, 1)
         if k < 3:
             unit = torch.cat([unit, unit.new_zeros(unit.shape[0], 3 - k)], dim=1)
         out.append((unit * 255).round().to(torch.uint8).reshape(h, w, 3).numpy())
@@ -351,9 +354,16 @@ def save_png(image, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             image.save(fh, format=fmt)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
