@@ -33,8 +33,8 @@ _MOUNTED = (
 _MOUNTED_EXAMPLES = {
     "train": f"{PROG} train --backbone timm:resnet18 --data photos/ --steps 2000 --out runs/r18",
     "fit-implicit": f"{PROG} fit-implicit cat.jpg --backbone efficientnet_lite0 --out feats.pt --steps 300",
-    "finetune-seg": f"{PROG} finetune-seg --backbone efficientnet_lite0 --data voc_like/ --out runs/seg",
-    "probe": f"{PROG} probe --backbone efficientnet_lite0",
+    "finetune-seg": f"{PROG} finetune-seg --data mosaic --steps 200 --out runs/seg",
+    "probe": f"{PROG} probe --data mosaic --methods lowres,bilinear,jbu",
 }
 
 
