@@ -234,3 +234,15 @@ def test_bench_finds_the_repository_scripts():
         pytest.skip("not a source checkout")
     assert cli._benchmarks_dir() == root
     assert (root / "adaptive_conv.py").is_file() and (root / "jbu.py").is_file()
+
+
+def test_demo_without_a_registered_upsampler_says_so_and_shows_bilinear(tmp_path, capfd):
+    photo = _photo(tmp_path / "p.png", 96)
+    out = tmp_path / "d.png"
+    assert cli.main(["demo", str(photo), "--backbone", "timm:resnet18", "--size", "96", "--out", str(out)]) == 0
+    captured = capfd.readouterr()
+    assert "no pretrained upsampler is registered for backbone" in captured.err
+    assert "showing bilinear instead" in captured.err and "random-init" in captured.err
+    with Image.open(out) as img:  # image, low-res, bilinear: three columns of height 64
+        columns = [np.zeros((64, 96, 3), np.uint8), np.zeros((2, 3, 3), np.uint8), np.zeros((64, 96, 3), np.uint8)]
+        assert img.size == viz.panel(columns, ["t"] * 3).size
