@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 from . import viz
 from .cli import PROG, CLIError
-from .images import ImageError, default_image, load_image, read_rgb, resize_rgb, check_min_size, to_tensor
+from .images import check_min_size, default_image, read_rgb, resize_rgb, to_tensor
+
+__all__ = ["run_demo", "run_upsample", "run_cam"]
 
 
 @contextmanager
@@ -341,5 +343,3 @@ def run_cam(args) -> int:
     neck.remove()
     return 0
 
-
-__all__ = ["run_demo", "run_upsample", "run_cam", "ImageError", "load_image"]
