@@ -1,0 +1,167 @@
+"""Sub-commands ``finetune-seg`` and ``probe`` for the ``featup-adapters`` command line.
+
+    featup-adapters finetune-seg --backbone efficientnet_lite0 --data voc_like/ --out runs/seg
+    featup-adapters finetune-seg --data mosaic --out runs/mosaic --steps 200 --image-size 96x96
+    featup-adapters probe --backbone efficientnet_lite0 --data mosaic
+
+``--data`` is a VOC-style folder (``JPEGImages/`` + ``SegmentationClass/`` index PNGs, or ``images/`` +
+``masks/``; 255 = ignore) or ``mosaic`` (generated texture mosaics, no download).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+__all__ = ["add_finetune_seg_parser", "add_probe_parser", "run_finetune_seg", "run_probe"]
+
+
+def _size(text: str):
+    try:
+        vals = [int(v) for v in text.lower().replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if len(vals) not in (1, 2) or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 224 or 224x320 (HxW), got {text!r}")
+    return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="efficientnet_lite0", metavar="SPEC",
+                   help="timm:NAME | hf:ID | open_clip:NAME | a registered name (default: %(default)s)")
+    p.add_argument("--pretrained", action="store_true", help="download the backbone's pretrained weights")
+    p.add_argument("--layer", default=None, help="backbone module to upsample (default: the adapter's)")
+    p.add_argument("--data", default="mosaic", metavar="DIR|mosaic",
+                   help="VOC-style folder of images + index-PNG masks, or 'mosaic' (default: %(default)s)")
+    p.add_argument("--split", default=None, help="training split (ImageSets/Segmentation/SPLIT.txt)")
+    p.add_argument("--val-split", default=None, help="validation split (default: a --val-fraction of the data)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held out when there is no --val-split")
+    p.add_argument("--num-classes", type=int, default=None, help="default: class_names.txt or the masks")
+    p.add_argument("--image-size", type=_size, default=(224, 224), metavar="HxW",
+                   help="resize images and masks to this size (default: 224x224)")
+    p.add_argument("--mosaic-samples", type=int, default=256, help="training mosaics (--data mosaic)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None,
+                   help="head learning rate (default 1e-2; the upsampler gets 0.1x, an unfrozen backbone 0.01x)")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def load_data(args):
+    """``(train, val, num_classes, class_names)`` from the common options."""
+    import torch
+    from torch.utils.data import Subset
+
+    from .seg_data import TextureMosaic, VOCFolder
+
+    if args.data == "mosaic":
+        n_val = max(1, round(args.mosaic_samples * args.val_fraction))
+        train = TextureMosaic(args.mosaic_samples, args.image_size, seed=args.seed)
+        val = TextureMosaic(n_val, args.image_size, seed=args.seed + 1)
+        return train, val, args.num_classes or train.num_classes, train.class_names
+    full = VOCFolder(args.data, args.split, size=args.image_size)
+    num_classes = args.num_classes or full.infer_num_classes()
+    if args.val_split:
+        val = VOCFolder(args.data, args.val_split, size=args.image_size)
+        train = full
+    else:
+        if len(full) < 2:
+            raise ValueError(f"expected at least 2 samples in {args.data} to hold some out, got {len(full)}")
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        n_val = min(len(full) - 1, max(1, round(len(full) * args.val_fraction)))
+        train, val = Subset(full, perm[n_val:]), Subset(full, perm[:n_val])
+    return train, val, num_classes, full.class_names
+
+
+def _device(name):
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _write_json(obj, path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def add_finetune_seg_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``finetune-seg``: end-to-end segmentation fine-tuning on upsampled features."""
+    p = subparsers.add_parser(
+        "finetune-seg", help="fine-tune a segmentation head (+ upsampler, + backbone) on upsampled features",
+        description="Train wrap(backbone) + a linear or small conv head with cross-entropy end to end "
+                    "(the upsampler is trained; the backbone frozen unless --no-freeze-backbone). "
+                    "Writes OUT/checkpoint_last.pt, OUT/upsampler/ and OUT/metrics.json (mIoU, pixel accuracy).")
+    _add_common(p)
+    p.add_argument("--upsampler", default="jbu",
+                   help="jbu (new, trained here) | bilinear | auto | a directory or registered name (default: jbu)")
+    p.add_argument("--head", choices=("linear", "conv"), default="linear")
+    p.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end only)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_finetune_seg, command="finetune-seg")
+    return p
+
+
+def run_finetune_seg(args) -> int:
+    from .segmentation import build_segmentation_model, finetune
+
+    train, val, num_classes, class_names = load_data(args)
+    model = build_segmentation_model(args.backbone, num_classes, upsampler=args.upsampler, head=args.head,
+                                     freeze_backbone=args.freeze_backbone, layer=args.layer,
+                                     pretrained=True if args.pretrained else None)
+    steps = args.steps or 1000
+    result = finetune(model, train, steps=steps, batch_size=args.batch_size, lr=args.lr or 1e-2, val_data=val,
+                      eval_every=args.eval_every, out_dir=args.out, save_every=args.save_every,
+                      device=_device(args.device), num_workers=args.workers, seed=args.seed,
+                      progress=not args.no_progress, log=print)
+    final = result["val"][-1][1]
+    _write_json({"backbone": args.backbone, "data": args.data, "num_classes": num_classes,
+                 "class_names": class_names, "steps": steps, "upsampler": args.upsampler, "head": args.head,
+                 "freeze_backbone": args.freeze_backbone, "seconds": result["seconds"],
+                 "first_loss": result["losses"][0], "last_loss": result["losses"][-1],
+                 "val": [{"step": s, **m} for s, m in result["val"]]}, os.path.join(args.out, "metrics.json"))
+    print(f"val mIoU {final['miou']:.4f}  pixel acc {final['pixel_acc']:.4f}  -> {args.out}")
+    return 0
+
+
+def add_probe_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``probe``: FeatUp's linear probe (low-res vs bilinear vs JBU)."""
+    p = subparsers.add_parser(
+        "probe", help="linear probe: frozen features, low-res vs bilinear vs JBU",
+        description="FeatUp's linear-probe protocol: frozen features upsampled to the label size, a 1x1 "
+                    "conv trained per method; prints mIoU and pixel accuracy for each.")
+    _add_common(p)
+    p.add_argument("--upsampler", default="auto",
+                   help="the JBU to probe: auto (the registered pretrained one) | a directory or registered name "
+                        "| none (skip jbu) (default: auto)")
+    p.add_argument("--methods", default="lowres,bilinear,jbu", help="comma list of lowres,bilinear,jbu")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=run_probe, command="probe")
+    return p
+
+
+def run_probe(args) -> int:
+    from .probe import linear_probe
+
+    train, val, num_classes, _ = load_data(args)
+    up = None if str(args.upsampler).lower() == "none" else args.upsampler
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    res = linear_probe(args.backbone, train, val, num_classes, upsampler=up, methods=methods, layer=args.layer,
+                       steps=args.steps or 300, batch_size=args.batch_size, lr=args.lr or 1e-2,
+                       device=_device(args.device), seed=args.seed, progress=True,
+                       pretrained=True if args.pretrained else None)
+    print(f"{'method':<10} {'mIoU':>8} {'pixel acc':>10}")
+    for m, r in res.items():
+        print(f"{m:<10} {r['miou']:>8.4f} {r['pixel_acc']:>10.4f}")
+    if args.json:
+        _write_json({"backbone": args.backbone, "data": args.data, "results": res}, args.json)
+    return 0
