@@ -61,14 +61,32 @@ def _example(*lines: str) -> str:
 # parser
 # --------------------------------------------------------------------------------------------
 
-def _size_arg(text: str):
+_SIZE_HELP = "expected a size like 448 (longer side), 224 320 or 224x320 (H W)"
+
+
+def _size_arg(text: str) -> list:
     try:
         values = [int(v) for v in text.lower().replace("x", ",").split(",") if v.strip()]
     except ValueError:
         values = []
     if len(values) not in (1, 2) or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected a size like 448 (longer side) or 224x320 (HxW), got {text!r}")
-    return values[0] if len(values) == 1 else tuple(values)
+        raise argparse.ArgumentTypeError(f"{_SIZE_HELP}, got {text!r}")
+    return values
+
+
+class _SizeAction(argparse.Action):
+    """``--size N`` (longer side), ``--size H W`` or ``--size HxW`` -> ``N`` or ``(H, W)``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        flat = [v for part in values for v in part]
+        if len(flat) not in (1, 2):
+            parser.error(f"argument {option_string}: {_SIZE_HELP}, got {' '.join(map(str, flat))}")
+        setattr(namespace, self.dest, flat[0] if len(flat) == 1 else tuple(flat))
+
+
+def _add_size(p: argparse.ArgumentParser, default, what: str) -> None:
+    p.add_argument("--size", type=_size_arg, nargs="+", action=_SizeAction, default=default,
+                   metavar="SIZE", help=f"resize: N (longer side), H W, or HxW (default: {what})")
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, upsampler_default: str = "auto") -> None:
@@ -107,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_example(f"{PROG} demo", f"{PROG} demo cat.jpg --size 640 --out cat_feats.png"))
     p.add_argument("image", nargs="?", default=None, help="image file (default: an embedded photo)")
     _add_model_args(p)
-    p.add_argument("--size", type=_size_arg, default=448, help="resize: N = longer side, or HxW (default: 448)")
+    _add_size(p, 448, "448")
     p.add_argument("--out", default="demo.png", help="PNG to write (default: %(default)s)")
     p.set_defaults(func=_pictures("run_demo"))
 
@@ -116,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Upsample the features of each image and save them as Tensor[C, H, W] "
                                    "(.pt: torch.load gives the tensor; .safetensors: key 'features') with "
                                    "a PCA picture per image. Images of the same size run in batches.",
-                       epilog=_example(f"{PROG} upsample photos/*.jpg --size 224x320 --out feats/",
+                       epilog=_example(f"{PROG} upsample photos/*.jpg --size 224 320 --out feats/",
                                        f"{PROG} upsample a.png --backbone efficientnet_lite0 --format "
                                        "safetensors --out feats/"))
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     _add_model_args(p)
-    p.add_argument("--size", type=_size_arg, default=None, help="resize: N = longer side, or HxW (default: as is)")
+    _add_size(p, None, "as is")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", choices=("pt", "safetensors"), default="pt")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
@@ -143,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--class", dest="class_", default=None, metavar="IDX|NAME",
                    help="class index or ImageNet class name (default: the top-1 prediction)")
-    p.add_argument("--size", type=_size_arg, default=448, help="resize: N = longer side, or HxW (default: 448)")
+    _add_size(p, 448, "448")
     p.add_argument("--out", default="cam.png", help="PNG to write (default: %(default)s)")
     p.set_defaults(func=_pictures("run_cam"))
 

@@ -185,8 +185,8 @@ def test_cam_names_the_class_and_rejects_unknown_ones(tmp_path, capfd):
 def test_upsample_saves_safetensors_with_metadata(tmp_path, capfd):
     from safetensors import safe_open
 
-    photo = _photo(tmp_path / "p.png", (40, 72))
-    assert cli.main(["upsample", str(photo), "--upsampler", "bicubic", "--format", "safetensors",
+    photo = _photo(tmp_path / "p.png", (50, 90))
+    assert cli.main(["upsample", str(photo), "--size", "40", "72", "--upsampler", "bicubic", "--format", "safetensors",
                      "--dtype", "float16", "--no-pca", "--no-progress", "--out", str(tmp_path / "o")]) == 0
     with safe_open(str(tmp_path / "o" / "p.safetensors"), "pt") as f:
         feats = f.get_tensor("features")
