@@ -79,6 +79,7 @@ def _neck(args, model, device, *, fallback: str | None = None):
               file=sys.stderr)
         neck = wrap(model, fallback, layer=args.layer)
         label = None
+    getattr(args, "_necks", []).append(neck)
     return neck.to(device).eval(), label
 
 
@@ -152,7 +153,6 @@ def run_demo(args) -> int:
     print(f"  image: {image_label}")
     _print_timings(timings)
     print(f"wrote {out} ({picture.width}x{picture.height})")
-    neck.remove()
     return 0
 
 
@@ -244,7 +244,6 @@ def run_upsample(args) -> int:
     for target, shape in written:
         print(f"  {target}  {shape}")
     print(f"wrote {len(written)} feature file(s) to {out_dir} in {time.perf_counter() - t0:.2f} s")
-    neck.remove()
     return 0
 
 
@@ -340,6 +339,5 @@ def run_cam(args) -> int:
         picture = viz.panel(pics, titles, path=out)
     _print_timings(timings)
     print(f"wrote {out} ({picture.width}x{picture.height})")
-    neck.remove()
     return 0
 

@@ -187,7 +187,12 @@ def _pictures(name: str):
     def run(args):
         from . import _cli_pictures
 
-        return getattr(_cli_pictures, name)(args)
+        args._necks = []
+        try:
+            return getattr(_cli_pictures, name)(args)
+        finally:  # detach the hooks of every neck the command built, also on errors
+            for neck in args._necks:
+                neck.remove()
 
     run.__name__ = name
     return run

@@ -246,3 +246,21 @@ def test_demo_without_a_registered_upsampler_says_so_and_shows_bilinear(tmp_path
     with Image.open(out) as img:  # image, low-res, bilinear: three columns of height 64
         columns = [np.zeros((64, 96, 3), np.uint8), np.zeros((2, 3, 3), np.uint8), np.zeros((64, 96, 3), np.uint8)]
         assert img.size == viz.panel(columns, ["t"] * 3).size
+
+
+def test_hooks_are_detached_when_a_command_fails_after_wrapping(tmp_path, monkeypatch, capfd):
+    import featup_adapters.neck as neck_module
+
+    built = []
+    real_wrap = neck_module.wrap
+
+    def recording_wrap(*args, **kwargs):
+        built.append(real_wrap(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(neck_module, "wrap", recording_wrap)
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((12, 20, 3), np.uint8)).save(tiny)
+    assert cli.main(["demo", str(tiny), "--upsampler", "bilinear", "--size", "12x20"]) == 1  # too small
+    _assert_one_line_error(capfd.readouterr().err, "too small")
+    assert len(built) == 1 and not built[0].attached
