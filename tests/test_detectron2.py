@@ -141,3 +141,23 @@ def test_frozen_bottom_up_gets_no_gradient_but_the_upsampler_does():
     assert all(p.grad is None for p in model.backbone.bottom_up.parameters())
     assert all(not p.requires_grad for p in model.backbone.bottom_up.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.upsamplers.parameters())
+
+
+def test_train_net_mapper_reads_palette_masks_as_class_indices(tmp_path):
+    from featup_adapters.tasks.seg_data import TextureMosaic, write_voc_folder
+    from integrations.detectron2.train_net import SemSegDatasetMapper, load_index_mask, register_sem_seg_folder
+    from detectron2.data import DatasetCatalog
+
+    ds = TextureMosaic(2, (32, 48), seed=0)
+    write_voc_folder(str(tmp_path), [ds[i] for i in range(2)])     # VOC palette ("P") PNG masks
+    name = register_sem_seg_folder(f"featup_test_{os.getpid()}={tmp_path}/JPEGImages:{tmp_path}/SegmentationClass")
+    records = DatasetCatalog.get(name)
+    assert len(records) == 2
+    cfg = tiny_cfg(os.path.join(CONFIG_DIR, "semantic_R_50_bilinear_1x.yaml"))
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 32, 48        # no resize
+    out = SemSegDatasetMapper(cfg, is_train=False)(records[0])
+    assert out["image"].shape == (3, 32, 48)
+    assert torch.equal(out["sem_seg"], ds[0][1])                     # indices, not palette luminance
+    assert torch.equal(torch.from_numpy(load_index_mask(records[0]["sem_seg_file_name"])), ds[0][1])
+    with pytest.raises(ValueError, match=r"expected --register-sem-seg NAME=IMAGE_DIR:MASK_DIR, got 'oops'"):
+        register_sem_seg_folder("oops")

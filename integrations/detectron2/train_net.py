@@ -27,7 +27,8 @@ if __name__ == "__main__" and __package__ in (None, ""):
 import detectron2.data.transforms as T  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog, build_detection_train_loader  # noqa: E402
+from detectron2.data import (DatasetCatalog, MetadataCatalog, build_detection_test_loader,  # noqa: E402
+                             build_detection_train_loader)
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator  # noqa: E402
 from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler  # noqa: E402
@@ -47,8 +48,70 @@ def build_sem_seg_train_aug(cfg) -> list:
     return augs
 
 
+def load_index_mask(path: str, dtype=int):
+    """A mask PNG as stored (class indices), as ``np.ndarray[H, W]`` of ``dtype``.
+
+    (detectron2's default loader passes ``copy=False`` to ``np.array``, which NumPy 2 rejects.)
+    """
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.array(im, dtype=dtype)
+
+
+class SemSegDatasetMapper:
+    """Image + semantic mask -> the dict a SemanticSegmentor takes, with the augmentations applied.
+
+    Unlike detectron2's DatasetMapper (which reads masks with ``convert("L")``, turning a VOC palette
+    PNG into luminance values), the mask is read as stored: class indices of an index / palette PNG.
+    """
+
+    def __init__(self, cfg, is_train: bool = True):
+        self.augs = T.AugmentationList(build_sem_seg_train_aug(cfg) if is_train else [
+            T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")])
+        self.image_format = cfg.INPUT.FORMAT
+        self.is_train = is_train
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        import copy
+
+        import numpy as np
+        import torch
+        from PIL import Image
+        from detectron2.data import detection_utils as utils
+
+        d = copy.deepcopy(dataset_dict)
+        image = utils.read_image(d["file_name"], format=self.image_format)
+        utils.check_image_size(d, image)
+        sem_seg = None
+        if "sem_seg_file_name" in d:
+            with Image.open(d.pop("sem_seg_file_name")) as im:
+                sem_seg = np.array(im).astype("double")
+            if sem_seg.ndim != 2:
+                raise ValueError(f"expected a single-channel index mask for {d['file_name']}, got shape {sem_seg.shape}")
+        aug_input = T.AugInput(image, sem_seg=sem_seg)
+        self.augs(aug_input)
+        d["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        if aug_input.sem_seg is not None:
+            d["sem_seg"] = torch.as_tensor(aug_input.sem_seg.astype("long"))
+        return d
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with semantic-segmentation augmentation, evaluator and the poly LR schedule."""
+
+    def build_writers(self):
+        # detectron2's default writers, leaving out TensorBoard when it is not installed
+        import importlib.util
+
+        from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+        out = self.cfg.OUTPUT_DIR
+        writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(out, "metrics.json"))]
+        if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+            writers.append(TensorboardXWriter(out))
+        return writers
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -57,12 +120,16 @@ class Trainer(DefaultTrainer):
         if evaluator_type not in ("sem_seg", "ade20k_panoptic_seg", "coco_panoptic_seg"):
             raise NotImplementedError(f"no semantic segmentation evaluator for {dataset_name!r} "
                                       f"(evaluator_type {evaluator_type!r})")
-        return DatasetEvaluators([SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)])
+        return DatasetEvaluators([SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder,
+                                                  sem_seg_loading_fn=load_index_mask)])
 
     @classmethod
     def build_train_loader(cls, cfg):
-        mapper = DatasetMapper(cfg, is_train=True, augmentations=build_sem_seg_train_aug(cfg))
-        return build_detection_train_loader(cfg, mapper=mapper)
+        return build_detection_train_loader(cfg, mapper=SemSegDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=SemSegDatasetMapper(cfg, is_train=False))
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
