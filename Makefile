@@ -50,10 +50,12 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: install
-	$(PY) benchmarks/adaptive_conv.py
+	$(PY) -m featup_adapters bench
 
+# The main job: one picture (image, low-res features, bilinear, JBU), offline.
 demo: install
-	$(PY) benchmarks/adaptive_conv.py
+	mkdir -p outputs
+	$(PY) -m featup_adapters demo --out outputs/demo.png
 
 clean:
 	rm -rf build $(VENV) featup_adapters/_C*.so *.egg-info
