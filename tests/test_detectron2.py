@@ -161,3 +161,25 @@ def test_train_net_mapper_reads_palette_masks_as_class_indices(tmp_path):
     assert torch.equal(torch.from_numpy(load_index_mask(records[0]["sem_seg_file_name"])), ds[0][1])
     with pytest.raises(ValueError, match=r"expected --register-sem-seg NAME=IMAGE_DIR:MASK_DIR, got 'oops'"):
         register_sem_seg_folder("oops")
+
+
+def test_saved_upsampler_loads_from_config_and_a_wrong_channel_count_is_named(tmp_path):
+    from featup_adapters.upsamplers import JBUStack
+
+    torch.manual_seed(0)
+    saved = JBUStack(512, num_stages=3)                     # ResNet-18 res5: 512 channels, 32 -> 4
+    with torch.no_grad():
+        saved.up1.range_temp.fill_(0.7)
+    saved.save_pretrained(str(tmp_path / "jbu512"))
+    cfg = tiny_cfg(os.path.join(CONFIG_DIR, "semantic_R_50_FeatUp_JBU_1x.yaml"))
+    cfg.MODEL.FEATUP.UPSAMPLER = str(tmp_path / "jbu512")
+    cfg.MODEL.FEATUP.FREEZE_UPSAMPLER = True
+    up = build_model(cfg).backbone.upsamplers["res5"]
+    for k, v in saved.state_dict().items():
+        assert torch.equal(up.state_dict()[k], v), k
+    assert all(not p.requires_grad for p in up.parameters())
+
+    JBUStack(64).save_pretrained(str(tmp_path / "jbu64"))
+    cfg.MODEL.FEATUP.UPSAMPLER = str(tmp_path / "jbu64")
+    with pytest.raises(ValueError, match=r"64.*512|512.*64"):
+        build_model(cfg)
