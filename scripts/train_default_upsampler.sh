@@ -16,4 +16,4 @@ OMP_NUM_THREADS=2 "$PY" -m featup_adapters.training.cli train \
     --steps "$STEPS" --batch-size 2 --n-jitters 2 --hr-downscale 2 --image-size 224 \
     --log-every 5 --checkpoint-every 25 --seed 0 --no-progress ${RESUME:+--resume "$OUT"}
 
-"$PY" scripts/eval_default_upsampler.py "$OUT" --write featup_adapters/weights/efficientnet_lite0
+"$PY" scripts/eval_default_upsampler.py "$OUT" --views 24 --write featup_adapters/weights/efficientnet_lite0

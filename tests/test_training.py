@@ -150,6 +150,7 @@ def test_random_projection_rows_are_unit_vectors_and_seeded():
     torch.testing.assert_close(p.norm(dim=1), torch.ones(30))
     assert torch.equal(p, random_projection(64, 30, generator=torch.Generator().manual_seed(1)))
     assert project(torch.randn(2, 64, 3, 5), p).shape == (2, 30, 3, 5)
+    assert torch.equal(random_projection(4, 0), torch.eye(4))     # 0: compare all channels
 
 
 def test_gaussian_nll_is_half_mse_at_unit_scale_and_rewards_calibrated_scale():

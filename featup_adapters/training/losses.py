@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 def random_projection(dim: int, n: int = 30, *, generator: torch.Generator | None = None,
                       device=None, dtype=torch.float32) -> Tensor:
-    """``Tensor[n, dim]`` with unit-norm rows drawn from a Gaussian; ``n <= 0`` gives ``None``-free
-    identity (``Tensor[dim, dim]``)."""
+    """``Tensor[n, dim]`` with unit-norm rows drawn from a Gaussian (random directions); ``n <= 0``
+    gives the identity ``Tensor[dim, dim]`` (compare all channels)."""
     if n is None or n <= 0:
         return torch.eye(dim, device=device, dtype=dtype)
     p = torch.randn(n, dim, generator=generator, dtype=torch.float32)
