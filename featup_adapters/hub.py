@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ._io import atomic_write_bytes as _atomic_write_bytes
 from ._version import __version__
 
 __all__ = ["save_upsampler", "load_upsampler", "load_featup_checkpoint", "check_compatible",
@@ -98,22 +98,6 @@ def _kwargs_repr(module) -> str:
 # ------------------------------------------------------------------------------------------------
 # save_pretrained / load
 # ------------------------------------------------------------------------------------------------
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
 
 def save_upsampler(module: nn.Module, directory, *, backbone_id: str | None = None,
                    layer: str | None = None, use_norm: bool | None = None,

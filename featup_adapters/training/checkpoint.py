@@ -9,30 +9,18 @@ A checkpoint is a ``torch.save`` dict::
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .._io import atomic_torch_save
 
 FORMAT = "featup_adapters.train/1"
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_torch_save(obj, path)
 
 
 def rng_state() -> dict:

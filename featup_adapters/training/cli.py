@@ -105,13 +105,9 @@ def add_fit_implicit_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_fit_implicit(args) -> int:
-    import os
-    import tempfile
-    from pathlib import Path
-
-    import torch
     import torch.nn.functional as F
 
+    from .._io import atomic_torch_save
     from ..data import load_image, resize_and_crop
     from .implicit import fit_implicit
 
@@ -127,12 +123,7 @@ def run_fit_implicit(args) -> int:
     feats = fit_implicit(args.backbone, img, steps=args.steps, output_size=args.output_size,
                          layer=args.layer, pca_dim=args.pca_dim, lr=args.lr, seed=args.seed,
                          device=args.device, progress=not args.no_progress)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    with os.fdopen(fd, "wb") as f:
-        torch.save(feats, f)
-    os.replace(tmp, out)
+    out = atomic_torch_save(feats, args.out)
     print(f"saved features {list(feats.shape)} to {out}")
     return 0
 

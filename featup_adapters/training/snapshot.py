@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._io import atomic_write
+
 
 def _pca_basis(feats: Tensor, k: int = 3) -> tuple[Tensor, Tensor]:
     x = feats.permute(1, 0, 2, 3).reshape(feats.shape[1], -1).T.float()    # [N, C]
@@ -53,9 +55,6 @@ def pca_snapshot(image: Tensor, lowres: Tensor, hires: Tensor, path: str | os.Pa
     hr = F.interpolate(hires, size=(H, W), mode="bilinear", align_corners=False)
     panel = np.concatenate([rgb, _apply(lr, mean_, basis, lo, hi), _apply(hr, mean_, basis, lo, hi)],
                            axis=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(panel).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(panel).save(f, format="PNG")
+    return Path(path)

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._io import atomic_write
+from ..data import _size_tuple
 from . import checkpoint as ckpt_mod
 from . import distributed as D
 from .downsamplers import make_downsampler
@@ -96,15 +98,6 @@ class MultiViewObjective(nn.Module):
         return loss
 
 
-def _size2(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2:
-        raise ValueError(f"expected image_size as an int or (H, W), got {size}")
-    return size  # type: ignore[return-value]
-
-
 def _make_upsampler(upsampler, dim: int) -> nn.Module:
     if isinstance(upsampler, nn.Module):
         return upsampler
@@ -150,9 +143,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as f:
+        f.write(buf.getvalue())
 
 
 def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int = 4,
@@ -202,7 +194,7 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
                          f"batch_size={batch_size}, n_jitters={n_jitters}")
     if amp not in (None, "bf16"):
         raise ValueError(f"expected amp=None or 'bf16', got {amp!r}")
-    size = _size2(image_size)
+    size = _size_tuple(image_size)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, hr_downscale=hr_downscale,
                       image_size=size, lr=lr, n_jitters=n_jitters, max_pad=max_pad,
                       max_zoom=max_zoom, random_projection=random_projection,
