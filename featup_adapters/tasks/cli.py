@@ -41,7 +41,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=_size, default=(224, 224), metavar="HxW",
                    help="resize images and masks to this size (default: 224x224)")
     p.add_argument("--mosaic-samples", type=int, default=256, help="training mosaics (--data mosaic)")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: finetune-seg 1000, probe 300)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=None,
                    help="head learning rate (default 1e-2; the upsampler gets 0.1x, an unfrozen backbone 0.01x)")
