@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+
+from .._io import atomic_write
 
 __all__ = ["add_finetune_seg_parser", "add_probe_parser", "run_finetune_seg", "run_probe"]
 
@@ -82,12 +83,8 @@ def _device(name):
 
 
 def _write_json(obj, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_write(path, "w") as fh:
         json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def add_finetune_seg_parser(subparsers) -> argparse.ArgumentParser:

@@ -14,7 +14,6 @@ Every dataset yields ``(image: Tensor[3, H, W] float in [0, 1], mask: LongTensor
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from .._io import atomic_write
 
 __all__ = ["IGNORE_INDEX", "VOCFolder", "TextureMosaic", "voc_photo", "arc2017_photo", "write_voc_folder",
            "TEXTURE_SOURCES", "resize_pair"]
@@ -251,14 +252,8 @@ def _atomic_save_png(array: np.ndarray, path: str, palette: Optional[Sequence[in
     if palette is not None:
         im = im.convert("P") if im.mode != "P" else im
         im.putpalette(list(palette))
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png.tmp")
-    os.close(fd)
-    try:
-        im.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path, "wb") as fh:
+        im.save(fh, format="PNG")
 
 
 def _voc_palette() -> List[int]:
@@ -296,10 +291,8 @@ def write_voc_folder(root: str, samples: Iterable[Tuple[Tensor, Tensor]], class_
         _atomic_save_png(m.astype(np.uint8), os.path.join(mask_dir, stem + ".png"), palette)
         stems.append(stem)
     def _write_text(path: str, lines: Sequence[str]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
+        with atomic_write(path, "w") as fh:
             fh.write("".join(f"{ln}\n" for ln in lines))
-        os.replace(tmp, path)
     if class_names is not None:
         _write_text(os.path.join(root, "class_names.txt"), list(class_names))
     if split is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Union
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._io import atomic_torch_save as _atomic_torch_save
 from .metrics import SegMeter
 from .seg_data import IGNORE_INDEX
 
@@ -116,19 +116,6 @@ def _forever(loader: DataLoader) -> Iterator:
     while True:
         for batch in loader:
             yield batch
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_checkpoint(model: SegmentationModel, path: str, *, step: int = 0, extra: Optional[dict] = None) -> str:
