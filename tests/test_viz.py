@@ -199,6 +199,6 @@ def test_default_image_is_an_embedded_photo():
     pytest.importorskip("skimage")
     rgb, label = images.default_image()
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3 and min(rgb.shape[:2]) >= 200
-    assert "chelsea" in label
+    assert "coffee" in label
     with pytest.raises(images.ImageError, match="unknown embedded image 'nope'"):
         images.default_image("nope")
