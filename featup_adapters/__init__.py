@@ -30,7 +30,7 @@ _LAZY = {
     "fit_implicit": ".training",
 }
 _SUBMODULES = {"ops", "upsamplers", "adapters", "hub", "neck", "training", "viz", "tasks", "cli",
-               "data"}
+               "data", "images"}
 
 __all__ = ["__version__", *_LAZY]
 
