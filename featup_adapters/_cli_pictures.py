@@ -5,9 +5,7 @@ with a one-line message, which ``cli.main`` turns into one line on stderr.
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -17,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import viz
+from ._io import atomic_torch_save, atomic_write_bytes
 from .cli import PROG, CLIError
 from .images import check_min_size, default_image, read_rgb, resize_rgb, to_tensor
 
@@ -171,26 +170,13 @@ def _output_stems(paths) -> list[str]:
     return stems
 
 
-def _save_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~viz._umask())  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_features(path: Path, feats, fmt: str, metadata: dict) -> None:
     if fmt == "pt":
-        _save_atomic(path, lambda tmp: torch.save(feats, tmp))
+        atomic_torch_save(feats, path)
     else:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        _save_atomic(path, lambda tmp: save_file({"features": feats.contiguous()}, tmp, metadata=metadata))
+        atomic_write_bytes(path, save({"features": feats.contiguous()}, metadata=metadata))
 
 
 def run_upsample(args) -> int:

@@ -14,23 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._io import atomic_write
-
-
-def _pca_basis(feats: Tensor, k: int = 3) -> tuple[Tensor, Tensor]:
-    x = feats.permute(1, 0, 2, 3).reshape(feats.shape[1], -1).T.float()    # [N, C]
-    mean = x.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
-    return mean, v[:k].T                                                   # [1, C], [C, k]
-
-
-def _apply(feats: Tensor, mean: Tensor, basis: Tensor, lo: Tensor, hi: Tensor) -> np.ndarray:
-    C, H, W = feats.shape[1:]
-    x = feats[0].reshape(C, -1).T.float()
-    y = (x - mean) @ basis
-    y = ((y - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
-    if y.shape[1] < 3:
-        y = torch.cat([y, y.new_zeros(y.shape[0], 3 - y.shape[1])], 1)
-    return (y.T.reshape(3, H, W).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+from ..viz import pca_rgb
 
 
 def pca_snapshot(image: Tensor, lowres: Tensor, hires: Tensor, path: str | os.PathLike,
@@ -48,13 +32,11 @@ def pca_snapshot(image: Tensor, lowres: Tensor, hires: Tensor, path: str | os.Pa
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     rgb = ((image * s + m).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    mean_, basis = _pca_basis(lowres)
-    proj = (lowres[0].reshape(lowres.shape[1], -1).T - mean_) @ basis
-    lo, hi = proj.quantile(0.01, dim=0), proj.quantile(0.99, dim=0)
     lr = F.interpolate(lowres, size=(H, W), mode="nearest")
     hr = F.interpolate(hires, size=(H, W), mode="bilinear", align_corners=False)
-    panel = np.concatenate([rgb, _apply(lr, mean_, basis, lo, hi), _apply(hr, mean_, basis, lo, hi)],
-                           axis=1)
+    # the projection is fitted once on the low-res map and applied to both (viz.pca_rgb)
+    _, lr_rgb, hr_rgb = pca_rgb(lowres, lr, hr, fit_on=0)
+    panel = np.concatenate([rgb, lr_rgb, hr_rgb], axis=1)
     with atomic_write(path, "wb") as f:
         Image.fromarray(panel).save(f, format="PNG")
     return Path(path)
