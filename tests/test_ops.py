@@ -24,6 +24,7 @@ def make(B, C, H, W, k, dtype=torch.float64, seed=0):
 SHAPES = [  # B, C, H, W, k: non-square, odd channel counts, every k family
     (1, 1, 1, 1, 1), (2, 3, 5, 7, 3), (1, 13, 20, 37, 7), (3, 6, 9, 4, 5), (2, 19, 17, 33, 9),
     (1, 8, 6, 70, 15), (2, 7, 31, 3, 1), (1, 40, 12, 48, 7),
+    (2, 24, 3, 16, 11),  # whole channel blocks, an unpaired last row, k larger than H
 ]
 
 
@@ -188,7 +189,7 @@ ISA_CHECK = """
     import torch, featup_adapters.ops as O
     print(O.cpu_isa())
     g = torch.Generator().manual_seed(1)
-    for (B, C, H, W, k) in [(2, 7, 9, 37, 7), (1, 13, 5, 19, 3), (1, 3, 4, 67, 15)]:
+    for (B, C, H, W, k) in [(2, 7, 9, 37, 7), (1, 13, 5, 19, 3), (1, 3, 4, 67, 15), (1, 12, 6, 21, 5)]:
         x = torch.randn(B, C, H + k - 1, W + k - 1, generator=g); f = torch.randn(B, H, W, k, k, generator=g)
         gr = torch.randn(B, C, H, W, generator=g)
         pairs = [(O.adaptive_conv(x, f), O.adaptive_conv_reference(x.double(), f.double())),

@@ -67,16 +67,16 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& filters) {
   auto out = empty_large({B, C, H, W}, input.options().dtype(ct));
   if (out.numel() == 0) return out.to(dtype);
   auto x = input.to(ct).contiguous();
-  auto ft = transpose_filters(filters, ct);
+  auto f = filters.to(ct).contiguous();  // the kernel transposes each row pair it needs itself
   const ConvShape s{B, C, H, W, k};
-  const int64_t cb = cpu::best_kernels().channel_block;
-  const int64_t items = B * num_blocks(C, cb) * H;
+  const auto& isa = cpu::best_kernels();
   AT_DISPATCH_FLOATING_TYPES(ct, "adaptive_conv_cpu", [&] {
     const auto& ks = kernel_set<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* fp = ft.data_ptr<scalar_t>();
+    const scalar_t* fp = f.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, items, grain(cb * W * k * k), [&](int64_t b0, int64_t b1) { ks.forward(xp, fp, op, s, b0, b1); });
+    at::parallel_for(0, cpu::forward_items(isa, s), grain(2 * isa.channel_block * W * k * k),
+                     [&](int64_t b0, int64_t b1) { ks.forward(xp, fp, op, s, b0, b1); });
   });
   return out.to(dtype);
 }
@@ -97,14 +97,14 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& filters)
   gp.narrow(3, k - 1, W).copy_(grad_out);
   auto ftp = transpose_filters(filters, ct, k - 1);
   const ConvShape s{B, C, H, W, k};
-  const int64_t cb = cpu::best_kernels().channel_block;
-  const int64_t items = B * num_blocks(C, cb) * Hp;
+  const auto& isa = cpu::best_kernels();
   AT_DISPATCH_FLOATING_TYPES(ct, "adaptive_conv_grad_input_cpu", [&] {
     const auto& ks = kernel_set<scalar_t>();
     const scalar_t* gpp = gp.data_ptr<scalar_t>();
     const scalar_t* fpp = ftp.data_ptr<scalar_t>();
     scalar_t* gip = gi.data_ptr<scalar_t>();
-    at::parallel_for(0, items, grain(cb * Wp * k * k), [&](int64_t b0, int64_t b1) { ks.grad_input(gpp, fpp, gip, s, b0, b1); });
+    at::parallel_for(0, cpu::grad_input_items(isa, s), grain(isa.channel_block * Wp * k * k),
+                     [&](int64_t b0, int64_t b1) { ks.grad_input(gpp, fpp, gip, s, b0, b1); });
   });
   return gi.to(dtype);
 }

@@ -6,8 +6,9 @@
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
 #define FA_ISA avx512
 #define FA_ISA_NAME "avx512"
-#define FA_CB 6
+#define FA_CB 8
 #define FA_XT 16
+#define FA_PF_BYTES 128  // software prefetch distance of the forward kernel
 #define FA_TT 8
 #include "kernels_impl.h"
 #pragma GCC pop_options

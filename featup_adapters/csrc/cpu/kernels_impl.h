@@ -36,91 +36,174 @@ inline typename Vec<T, N>::type vload(const T* p) {
 template <typename T, int N>
 inline void vstore(T* p, typename Vec<T, N>::type v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-// out[c][x0 + v] = sum_t F[foff[t] + x0 + v] * X[c * xplane + xoff[t] + x0 + v] for v < NX,
-// for x0 stepping by NX while the tile fits in [x0, xend). Returns the first x0 not done.
+// ---- forward and grad_input: a gather producing two output rows per tile ----
+//
+// Both are a sum over "source rows" (input rows for forward, grad_output rows for grad_input),
+// each feeding output row 0 and/or row 1 of the pair with its own filter row:
+//   out_q[c][x] += sum_j F[f_q + j * fj + x] * X[c * xplane + xs + j * xj + x]
+// One load of X serves both output rows, so a tile does 0.7 loads per FMA instead of 1.2
+// (2 x NC accumulators). The source rows and filters of the next tiles are prefetched PF bytes
+// ahead: a tile reads (k + 1) x NC source rows and 2k filter rows, more streams than the
+// hardware prefetchers follow (at 224x224, C=384, k=7 this took the forward from 22 to 15 ms).
+constexpr int64_t PF = FA_PF_BYTES;
+
+// One source row of a pair: its offset in X and its filter rows for output rows 0 and 1
+// (-1: the source row does not feed that output row).
+struct SourceRow { int64_t x, f0, f1; };
+
+// The k taps j of one source row, accumulated into row 0 (USE0) and/or row 1 (USE1).
+template <typename T, int NC, int NX, bool USE0, bool USE1>
+inline void pair_step(typename Vec<T, NX>::type (&a0)[NC], typename Vec<T, NX>::type (&a1)[NC],
+                      const T* F0, const T* F1, const T* __restrict xv, int64_t k, int64_t fj,
+                      int64_t xj, int64_t xplane) {
+  typedef typename Vec<T, NX>::type V;
+  for (int64_t j = 0; j < k; ++j, F0 += fj, F1 += fj, xv += xj) {
+    V f0 = V{}, f1 = V{};
+    if (USE0) {
+      f0 = vload<T, NX>(F0);
+      __builtin_prefetch(F0 + PF / sizeof(T), 0, 3);
+    }
+    if (USE1) {
+      f1 = vload<T, NX>(F1);
+      __builtin_prefetch(F1 + PF / sizeof(T), 0, 3);
+    }
+    for (int c = 0; c < NC; ++c) {
+      const V xx = vload<T, NX>(xv + c * xplane);
+      if (USE0) a0[c] += f0 * xx;
+      if (USE1) a1[c] += f1 * xx;
+    }
+  }
+}
+
+// Pixels [x0, xend) in tiles of NX for NC channels; out row 1 lies `orow` after row 0 and is
+// stored only if `two`. Returns the first x0 not done.
 template <typename T, int NC, int NX>
-inline int64_t gather_tiles(const T* __restrict F, const int64_t* foff, const T* __restrict X,
-                            const int64_t* xoff, int64_t ntaps, int64_t xplane,
-                            T* __restrict out, int64_t oplane, int64_t x0, int64_t xend) {
+inline int64_t pair_tiles(const T* __restrict F, const T* __restrict X, const SourceRow* rows,
+                          int64_t nrows, int64_t k, int64_t fj, int64_t xj, int64_t xplane,
+                          T* __restrict out, int64_t oplane, int64_t orow, bool two, int64_t x0,
+                          int64_t xend) {
   typedef typename Vec<T, NX>::type V;
   for (; x0 + NX <= xend; x0 += NX) {
-    V acc[NC];
-    for (int c = 0; c < NC; ++c) acc[c] = V{} ;
-    for (int64_t t = 0; t < ntaps; ++t) {
-      const V fv = vload<T, NX>(F + foff[t] + x0);
-      const T* xv = X + xoff[t] + x0;
-      for (int c = 0; c < NC; ++c) acc[c] += fv * vload<T, NX>(xv + c * xplane);
+    V a0[NC], a1[NC];
+    for (int c = 0; c < NC; ++c) a0[c] = a1[c] = V{};
+    for (int64_t n = 0; n < nrows; ++n) {
+      const SourceRow& r = rows[n];
+      const T* xv = X + r.x + x0;
+      for (int c = 0; c < NC; ++c) __builtin_prefetch(xv + c * xplane + PF / sizeof(T), 0, 3);
+      const T* F0 = F + (r.f0 >= 0 ? r.f0 : 0) + x0;
+      const T* F1 = F + (r.f1 >= 0 ? r.f1 : 0) + x0;
+      if (r.f0 >= 0 && r.f1 >= 0)
+        pair_step<T, NC, NX, true, true>(a0, a1, F0, F1, xv, k, fj, xj, xplane);
+      else if (r.f0 >= 0)
+        pair_step<T, NC, NX, true, false>(a0, a1, F0, F1, xv, k, fj, xj, xplane);
+      else
+        pair_step<T, NC, NX, false, true>(a0, a1, F0, F1, xv, k, fj, xj, xplane);
     }
-    for (int c = 0; c < NC; ++c) vstore<T, NX>(out + c * oplane + x0, acc[c]);
+    for (int c = 0; c < NC; ++c) {
+      vstore<T, NX>(out + c * oplane + x0, a0[c]);
+      if (two) vstore<T, NX>(out + c * oplane + orow + x0, a1[c]);
+    }
   }
   return x0;
 }
 
-// Whole row [0, xend) for NC channels: wide tiles first, then narrower ones for the tail.
+// Whole rows [0, width) for NC channels: wide tiles first, then narrower ones for the tail.
 template <typename T, int NC>
-inline void gather_row(const T* F, const int64_t* foff, const T* X, const int64_t* xoff,
-                       int64_t ntaps, int64_t xplane, T* out, int64_t oplane, int64_t xend) {
-  int64_t x0 = gather_tiles<T, NC, XT>(F, foff, X, xoff, ntaps, xplane, out, oplane, 0, xend);
-  if (XT > 8) x0 = gather_tiles<T, NC, (XT > 8 ? XT / 2 : 1)>(F, foff, X, xoff, ntaps, xplane, out, oplane, x0, xend);
-  if (XT > 16) x0 = gather_tiles<T, NC, (XT > 16 ? XT / 4 : 1)>(F, foff, X, xoff, ntaps, xplane, out, oplane, x0, xend);
-  x0 = gather_tiles<T, NC, 4>(F, foff, X, xoff, ntaps, xplane, out, oplane, x0, xend);
-  gather_tiles<T, NC, 1>(F, foff, X, xoff, ntaps, xplane, out, oplane, x0, xend);
+inline void pair_row(const T* F, const T* X, const SourceRow* rows, int64_t nrows, int64_t k,
+                     int64_t fj, int64_t xj, int64_t xplane, T* out, int64_t oplane, int64_t orow,
+                     bool two, int64_t width) {
+  int64_t x0 = pair_tiles<T, NC, XT>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, 0, width);
+  if (XT > 8) x0 = pair_tiles<T, NC, (XT > 8 ? XT / 2 : 1)>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width);
+  if (XT > 16) x0 = pair_tiles<T, NC, (XT > 16 ? XT / 4 : 1)>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width);
+  x0 = pair_tiles<T, NC, 4>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width);
+  pair_tiles<T, NC, 1>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width);
 }
 
-// A row for `nc` channels: full blocks of CB, then single channels.
+// `nc` channels of a pair (channel c at X + c * xplane, out + c * oplane): tiles of NC channels,
+// then single channels. double vectors are twice as wide, so they get half the channels per
+// tile to keep the 2 x NC accumulators in registers.
 template <typename T>
-inline void gather_channels(int64_t nc, const T* F, const int64_t* foff, const T* X,
-                            const int64_t* xoff, int64_t ntaps, int64_t xplane, T* out,
-                            int64_t oplane, int64_t xend) {
+inline void pair_channels(int64_t nc, const T* F, const T* X, const SourceRow* rows, int64_t nrows,
+                          int64_t k, int64_t fj, int64_t xj, int64_t xplane, T* out,
+                          int64_t oplane, int64_t orow, bool two, int64_t width) {
+  constexpr int NC = sizeof(T) > 4 ? CB / 2 : CB;
   int64_t c = 0;
-  for (; c + CB <= nc; c += CB)
-    gather_row<T, CB>(F, foff, X + c * xplane, xoff, ntaps, xplane, out + c * oplane, oplane, xend);
+  for (; c + NC <= nc; c += NC)
+    pair_row<T, NC>(F, X + c * xplane, rows, nrows, k, fj, xj, xplane, out + c * oplane, oplane, orow, two, width);
   for (; c < nc; ++c)
-    gather_row<T, 1>(F, foff, X + c * xplane, xoff, ntaps, xplane, out + c * oplane, oplane, xend);
+    pair_row<T, 1>(F, X + c * xplane, rows, nrows, k, fj, xj, xplane, out + c * oplane, oplane, orow, two, width);
 }
 
+// filters[b][y][x][t] -> ft[q][t][x] for `rows` consecutive output rows starting at (b, y).
 template <typename T>
-void forward(const T* x, const T* ft, T* out, const ConvShape& s, int64_t begin, int64_t end) {
-  const int64_t k = s.k, kk = s.kk(), H = s.H, W = s.W, Hp = s.Hp(), Wp = s.Wp();
-  const int64_t nblocks = num_blocks(s.C, CB);
-  int64_t foff[225], xoff[225];  // k <= 15
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < k; ++j) {
-      foff[i * k + j] = (i * k + j) * W;
-      xoff[i * k + j] = i * Wp + j;
+inline void transpose_rows(const T* filters, const ConvShape& s, int64_t b, int64_t y, int64_t rows, T* ft) {
+  const int64_t kk = s.kk(), W = s.W;
+  for (int64_t q = 0; q < rows; ++q) {
+    const T* src = filters + filter_offset(s, b, y + q, 0, 0);
+    T* dst = ft + q * kk * W;
+    for (int64_t x0 = 0; x0 < W; x0 += 16) {  // 16 pixels at a time: reads stay in a few lines
+      const int64_t x1 = x0 + 16 < W ? x0 + 16 : W;
+      for (int64_t t = 0; t < kk; ++t)
+        for (int64_t xx = x0; xx < x1; ++xx) dst[t * W + xx] = src[xx * kk + t];
     }
-  for (int64_t item = begin; item < end; ++item) {
-    // channel block fastest: consecutive items share one filter row (kept in cache)
-    const int64_t cb = item % nblocks, y = (item / nblocks) % H, b = item / (H * nblocks);
-    const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
-    const T* F = ft + (b * H + y) * kk * W;
-    const T* X = x + input_offset(s, b, c0, y, 0);
-    T* O = out + output_offset(s, b, c0, y, 0);
-    gather_channels<T>(nc, F, foff, X, xoff, kk, Hp * Wp, O, H * W, W);
   }
 }
 
 template <typename T>
-void grad_input(const T* gp, const T* ftp, T* gi, const ConvShape& s, int64_t begin, int64_t end) {
-  // gi[c][Y][X] = sum_{i valid, j} ftp[Y-i][t][X + k-1-j] * gp[c][Y-i][X + k-1-j]
+void forward(const T* x, const T* filters, T* out, const ConvShape& s, int64_t begin, int64_t end) {
+  // out[c][y + q][x] = sum_{i, j} ft[q][i * k + j][x] * x[c][y + q + i][x + j]: source row r
+  // (input row y + r) is tap row r of output row y and tap row r - 1 of output row y + 1.
   const int64_t k = s.k, kk = s.kk(), H = s.H, W = s.W, Hp = s.Hp(), Wp = s.Wp();
-  const int64_t Wg = W + 2 * (k - 1);
-  const int64_t nblocks = num_blocks(s.C, CB);
-  int64_t foff[225], xoff[225];
+  const int64_t nblocks = num_blocks(s.C, CB), npairs = num_blocks(H, 2);
+  SourceRow rows[16];  // k + 1 <= 16
+  // The current pair's filters, transposed to [row][tap][x] so a tap's pixels are contiguous.
+  // Consecutive items share a pair (channel blocks run fastest), so each thread transposes a
+  // pair once per range of items.
+  T* ft = new T[2 * kk * W];
+  int64_t cached = -1;
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t cb = item % nblocks, Y = (item / nblocks) % Hp, b = item / (Hp * nblocks);
+    const int64_t cb = item % nblocks, pair = item / nblocks;
+    const int64_t y = 2 * (pair % npairs), b = pair / npairs;
+    const bool two = y + 1 < H;
+    if (pair != cached) {
+      transpose_rows(filters, s, b, y, two ? 2 : 1, ft);
+      cached = pair;
+    }
+    int64_t nrows = 0;
+    for (int64_t r = 0; r <= k; ++r) {
+      const int64_t f0 = r < k ? r * k * W : -1, f1 = two && r >= 1 ? (kk + (r - 1) * k) * W : -1;
+      if (f0 >= 0 || f1 >= 0) rows[nrows++] = SourceRow{r * Wp, f0, f1};
+    }
     const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
-    const int64_t i0 = first_tap(Y, H), i1 = last_tap(Y, k);
-    int64_t n = 0;
-    for (int64_t i = i0; i <= i1; ++i)
-      for (int64_t j = 0; j < k; ++j, ++n) {
-        foff[n] = ((Y - i) * kk + i * k + j) * Wg + (k - 1 - j);
-        xoff[n] = (Y - i) * Wg + (k - 1 - j);
-      }
-    const T* F = ftp + b * H * kk * Wg;
-    const T* G = gp + (b * s.C + c0) * H * Wg;
-    T* O = gi + input_offset(s, b, c0, Y, 0);
-    gather_channels<T>(nc, F, foff, G, xoff, n, H * Wg, O, Hp * Wp, Wp);
+    pair_channels<T>(nc, ft, x + input_offset(s, b, c0, y, 0), rows, nrows, k, W, 1, Hp * Wp,
+                     out + output_offset(s, b, c0, y, 0), H * W, W, two, W);
+  }
+  delete[] ft;
+}
+
+template <typename T>
+void grad_input(const T* gp, const T* ftp, T* gi, const ConvShape& s, int64_t begin, int64_t end) {
+  // gi[c][Y][X] = sum_{i valid, j} ftp[Y-i][i * k + j][X + k-1-j] * gp[c][Y-i][X + k-1-j]:
+  // source row p (grad_out row p) feeds gi row Y with tap row Y - p when 0 <= Y - p < k.
+  const int64_t k = s.k, kk = s.kk(), H = s.H, Hp = s.Hp(), Wp = s.Wp();
+  const int64_t Wg = s.W + 2 * (k - 1);
+  const int64_t nblocks = num_blocks(s.C, CB), npairs = num_blocks(Hp, 2);
+  SourceRow rows[16];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t cb = item % nblocks, pair = item / nblocks;
+    const int64_t Y = 2 * (pair % npairs), b = pair / npairs;
+    const bool two = Y + 1 < Hp;
+    int64_t nrows = 0;
+    for (int64_t p = Y - k + 1; p <= Y + 1; ++p) {
+      if (p < 0 || p >= H) continue;
+      const int64_t i0 = Y - p, i1 = Y + 1 - p;
+      const int64_t f0 = i0 >= 0 ? (p * kk + i0 * k) * Wg + k - 1 : -1;
+      const int64_t f1 = two && i1 < k ? (p * kk + i1 * k) * Wg + k - 1 : -1;
+      if (f0 >= 0 || f1 >= 0) rows[nrows++] = SourceRow{p * Wg + k - 1, f0, f1};
+    }
+    const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
+    pair_channels<T>(nc, ftp + b * H * kk * Wg, gp + (b * s.C + c0) * H * Wg, rows, nrows, k,
+                     Wg - 1, -1, H * Wg, gi + input_offset(s, b, c0, Y, 0), Hp * Wp, Wp, two, Wp);
   }
 }
 
