@@ -37,18 +37,6 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   return t;
 }
 
-// [B, H, W, k, k] -> [B, H, k*k, W + 2 * pad] (zero columns left and right), in the compute dtype.
-at::Tensor transpose_filters(const at::Tensor& filters, at::ScalarType ct, int64_t pad = 0) {
-  const auto B = filters.size(0), H = filters.size(1), W = filters.size(2), k = filters.size(3);
-  auto out = empty_large({B, H, k * k, W + 2 * pad}, filters.options().dtype(ct));
-  if (pad > 0) {
-    out.narrow(3, 0, pad).zero_();
-    out.narrow(3, pad + W, pad).zero_();
-  }
-  out.narrow(3, pad, W).copy_(filters.reshape({B, H, W, k * k}).transpose(2, 3));
-  return out;
-}
-
 template <typename T>
 const cpu::KernelSet<T>& kernel_set();
 template <> const cpu::KernelSet<float>& kernel_set<float>() { return cpu::best_kernels().f32; }
@@ -90,18 +78,14 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& filters)
   auto gi = empty_large({B, C, Hp, Wp}, grad_out.options().dtype(ct));
   if (gi.numel() == 0) return gi.to(dtype);
   if (H == 0 || W == 0) return gi.zero_().to(dtype);
-  // Pad x by k-1 on both sides so every tap of every output column reads valid (zero) memory.
-  auto gp = empty_large({B, C, H, W + 2 * (k - 1)}, grad_out.options().dtype(ct));
-  gp.narrow(3, 0, k - 1).zero_();
-  gp.narrow(3, W + k - 1, k - 1).zero_();
-  gp.narrow(3, k - 1, W).copy_(grad_out);
-  auto ftp = transpose_filters(filters, ct, k - 1);
+  auto g = grad_out.to(ct).contiguous();
+  auto f = filters.to(ct).contiguous();  // the kernel pads and transposes the rows it needs
   const ConvShape s{B, C, H, W, k};
   const auto& isa = cpu::best_kernels();
   AT_DISPATCH_FLOATING_TYPES(ct, "adaptive_conv_grad_input_cpu", [&] {
     const auto& ks = kernel_set<scalar_t>();
-    const scalar_t* gpp = gp.data_ptr<scalar_t>();
-    const scalar_t* fpp = ftp.data_ptr<scalar_t>();
+    const scalar_t* gpp = g.data_ptr<scalar_t>();
+    const scalar_t* fpp = f.data_ptr<scalar_t>();
     scalar_t* gip = gi.data_ptr<scalar_t>();
     at::parallel_for(0, cpu::grad_input_items(isa, s), grain(isa.channel_block * Wp * k * k),
                      [&](int64_t b0, int64_t b1) { ks.grad_input(gpp, fpp, gip, s, b0, b1); });
@@ -115,8 +99,8 @@ at::Tensor grad_filters_cpu(const at::Tensor& grad_out, const at::Tensor& input)
   const auto ct = compute_type(dtype);
   const int64_t B = grad_out.size(0), C = grad_out.size(1), H = grad_out.size(2), W = grad_out.size(3);
   const int64_t k = input.size(2) - H + 1;
-  auto gft = empty_large({B, H, k * k, W}, grad_out.options().dtype(ct));
-  if (gft.numel() > 0) {
+  auto gf = empty_large({B, H, W, k, k}, grad_out.options().dtype(ct));
+  if (gf.numel() > 0) {
     auto g = grad_out.to(ct).contiguous();
     auto x = input.to(ct).contiguous();
     const ConvShape s{B, C, H, W, k};
@@ -124,11 +108,12 @@ at::Tensor grad_filters_cpu(const at::Tensor& grad_out, const at::Tensor& input)
       const auto& ks = kernel_set<scalar_t>();
       const scalar_t* gp = g.data_ptr<scalar_t>();
       const scalar_t* xp = x.data_ptr<scalar_t>();
-      scalar_t* op = gft.data_ptr<scalar_t>();
-      at::parallel_for(0, B * H, grain(std::max<int64_t>(C, 1) * W * k * k), [&](int64_t b0, int64_t b1) { ks.grad_filters(gp, xp, op, s, b0, b1); });
+      scalar_t* op = gf.data_ptr<scalar_t>();
+      at::parallel_for(0, cpu::grad_filters_items(s), grain(2 * std::max<int64_t>(C, 1) * W * k * k),
+                       [&](int64_t b0, int64_t b1) { ks.grad_filters(gp, xp, op, s, b0, b1); });
     });
   }
-  return gft.transpose(2, 3).reshape({B, H, W, k, k}).to(dtype).contiguous();
+  return gf.to(dtype);
 }
 
 }  // namespace

@@ -14,15 +14,15 @@ namespace cpu {
 //   forward:      x [B][C][Hp][Wp], filters [B][H][W][k*k] (as the user passes them),
 //                 out [B][C][H][W]; items: (b, pair of rows y, y + 1, channel block) flattened,
 //                 block fastest, count = forward_items(kernels, s)
-//   grad_input:   gp (grad_out padded by k-1 left/right) [B][C][H][Wg], ftp (ft padded the same)
-//                 [B][H][k*k][Wg], gi [B][C][Hp][Wp], Wg = W + 2(k-1); items: (b, pair of rows
-//                 Y, Y + 1, channel block), count = grad_input_items(kernels, s)
-//   grad_filters: g [B][C][H][W], x [B][C][Hp][Wp], gft [B][H][k*k][W]; items: (b, y)
+//   grad_input:   g [B][C][H][W], filters [B][H][W][k*k], gi [B][C][Hp][Wp]; items: (b, pair of
+//                 rows Y, Y + 1, channel block), count = grad_input_items(kernels, s)
+//   grad_filters: g [B][C][H][W], x [B][C][Hp][Wp], gf [B][H][W][k*k] (the filters' layout);
+//                 items: (b, pair of rows y, y + 1), count = grad_filters_items(s)
 template <typename T>
 struct KernelSet {
   void (*forward)(const T* x, const T* filters, T* out, const ConvShape& s, int64_t begin, int64_t end);
-  void (*grad_input)(const T* gp, const T* ftp, T* gi, const ConvShape& s, int64_t begin, int64_t end);
-  void (*grad_filters)(const T* g, const T* x, T* gft, const ConvShape& s, int64_t begin, int64_t end);
+  void (*grad_input)(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t begin, int64_t end);
+  void (*grad_filters)(const T* g, const T* x, T* gf, const ConvShape& s, int64_t begin, int64_t end);
 };
 
 struct IsaKernels {
@@ -48,6 +48,7 @@ inline int64_t forward_items(const IsaKernels& ks, const ConvShape& s) {
 inline int64_t grad_input_items(const IsaKernels& ks, const ConvShape& s) {
   return s.B * num_blocks(s.Hp(), 2) * num_blocks(s.C, ks.channel_block);
 }
+inline int64_t grad_filters_items(const ConvShape& s) { return s.B * num_blocks(s.H, 2); }
 
 }  // namespace cpu
 }  // namespace featup_adapters

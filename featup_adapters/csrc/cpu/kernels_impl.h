@@ -3,11 +3,11 @@
 // headers here: anything included would be compiled for the target ISA and could leak into
 // generic code through the one-definition rule.
 //
-// How it is fast: every kernel is a register-tiled gather. A tile holds CB channels x XT
-// consecutive pixels (or TT taps x XT pixels for grad_filters) of accumulators in vector
-// registers; each filter vector is loaded once per tap and reused across the CB channels, so
-// the inner loop is one unaligned load + one FMA per vector. Work items are independent rows,
-// so there are no atomics and no reductions across threads.
+// How it is fast: every kernel is a register-tiled gather. A tile holds two output rows x CB
+// channels x XT consecutive pixels (or two rows x up to TT taps x XT pixels for grad_filters) of
+// accumulators in vector registers. Each filter (or grad_output) vector is loaded once and reused
+// across the tile's channels (taps), and each input vector loaded feeds both output rows. Work
+// items are independent pairs of rows, so there are no atomics and no reductions across threads.
 #ifndef FA_ISA
 #error "define FA_ISA (and the tile sizes) before including kernels_impl.h"
 #endif
@@ -19,7 +19,7 @@ namespace {
 
 constexpr int CB = FA_CB;   // channels per forward / grad_input tile
 constexpr int XT = FA_XT;   // pixels per tile (a multiple of the vector width)
-constexpr int TT = FA_TT;   // taps per grad_filters tile
+constexpr int TT = FA_TT;   // at most this many taps per grad_filters tile
 constexpr int CC = 16;      // channels summed per pass over a grad_filters accumulator row
 
 // A vector of N lanes of T (GCC/Clang vector extension: lowered to whatever registers the target
@@ -182,89 +182,161 @@ void forward(const T* x, const T* filters, T* out, const ConvShape& s, int64_t b
 }
 
 template <typename T>
-void grad_input(const T* gp, const T* ftp, T* gi, const ConvShape& s, int64_t begin, int64_t end) {
-  // gi[c][Y][X] = sum_{i valid, j} ftp[Y-i][i * k + j][X + k-1-j] * gp[c][Y-i][X + k-1-j]:
-  // source row p (grad_out row p) feeds gi row Y with tap row Y - p when 0 <= Y - p < k.
-  const int64_t k = s.k, kk = s.kk(), H = s.H, Hp = s.Hp(), Wp = s.Wp();
-  const int64_t Wg = s.W + 2 * (k - 1);
+void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t begin, int64_t end) {
+  // gi[c][Y][X] = sum_{p, j} filters[p][X - j][(Y - p) * k + j] * g[c][p][X - j] over the taps
+  // with 0 <= Y - p < k and 0 <= X - j < W: source row p (grad_out row p) feeds gi row Y with
+  // tap row Y - p. The kernel reads zero-padded copies, so every tap of every column reads
+  // valid memory and the tiles need no bounds checks:
+  //  - filter rows p, transposed to [tap][x] and padded by k - 1 zero columns on both sides, in
+  //    a ring of k + 1 rows per thread (slot p % (k + 1)); moving to the next pair of gi rows
+  //    brings in two new rows;
+  //  - the item's grad_out rows, padded the same way, (k + 1) x CB rows per item.
+  const int64_t k = s.k, kk = s.kk(), H = s.H, W = s.W, Hp = s.Hp(), Wp = s.Wp();
+  const int64_t Wg = W + 2 * (k - 1), nslots = k + 1;
   const int64_t nblocks = num_blocks(s.C, CB), npairs = num_blocks(Hp, 2);
+  T* fring = new T[nslots * kk * Wg]();
+  T* grows = new T[nslots * CB * Wg]();
+  int64_t tag[16];  // filter row (b * H + p) held by each slot, -1: none
+  for (int64_t n = 0; n < nslots; ++n) tag[n] = -1;
   SourceRow rows[16];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t cb = item % nblocks, pair = item / nblocks;
     const int64_t Y = 2 * (pair % npairs), b = pair / npairs;
+    const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
     const bool two = Y + 1 < Hp;
     int64_t nrows = 0;
     for (int64_t p = Y - k + 1; p <= Y + 1; ++p) {
       if (p < 0 || p >= H) continue;
-      const int64_t i0 = Y - p, i1 = Y + 1 - p;
-      const int64_t f0 = i0 >= 0 ? (p * kk + i0 * k) * Wg + k - 1 : -1;
-      const int64_t f1 = two && i1 < k ? (p * kk + i1 * k) * Wg + k - 1 : -1;
-      if (f0 >= 0 || f1 >= 0) rows[nrows++] = SourceRow{p * Wg + k - 1, f0, f1};
+      const int64_t i0 = Y - p, i1 = Y + 1 - p, slot = p % nslots;
+      if (tag[slot] != b * H + p) {
+        T* dst = fring + slot * kk * Wg + (k - 1);
+        const T* src = filters + filter_offset(s, b, p, 0, 0);
+        for (int64_t x0 = 0; x0 < W; x0 += 16) {
+          const int64_t x1 = x0 + 16 < W ? x0 + 16 : W;
+          for (int64_t t = 0; t < kk; ++t)
+            for (int64_t xx = x0; xx < x1; ++xx) dst[t * Wg + xx] = src[xx * kk + t];
+        }
+        tag[slot] = b * H + p;
+      }
+      T* gdst = grows + nrows * CB * Wg + (k - 1);
+      for (int64_t c = 0; c < nc; ++c)
+        __builtin_memcpy(gdst + c * Wg, g + output_offset(s, b, c0 + c, p, 0), W * sizeof(T));
+      const int64_t f = slot * kk * Wg + k - 1;
+      rows[nrows] = SourceRow{nrows * CB * Wg + k - 1, i0 >= 0 ? f + i0 * k * Wg : -1,
+                              two && i1 < k ? f + i1 * k * Wg : -1};
+      if (rows[nrows].f0 >= 0 || rows[nrows].f1 >= 0) ++nrows;
     }
-    const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
-    pair_channels<T>(nc, ftp + b * H * kk * Wg, gp + (b * s.C + c0) * H * Wg, rows, nrows, k,
-                     Wg - 1, -1, H * Wg, gi + input_offset(s, b, c0, Y, 0), Hp * Wp, Wp, two, Wp);
+    pair_channels<T>(nc, fring, grows, rows, nrows, k, Wg - 1, -1, Wg,
+                     gi + input_offset(s, b, c0, Y, 0), Hp * Wp, Wp, two, Wp);
   }
+  delete[] grows;
+  delete[] fring;
 }
 
-// acc[t][v] (+)= sum_{c < nc} G[c * gplane + x0 + v] * X[c * xplane + xoff[t] + x0 + v]
-template <typename T, int NT, int NX>
-inline int64_t tap_tiles(const T* __restrict G, const T* __restrict X, const int64_t* xoff,
-                         int64_t nc, int64_t gplane, int64_t xplane, T* __restrict acc_row,
-                         int64_t W, bool first, int64_t x0) {
+// ---- grad_filters: per-pixel tap sums over channels, two output rows per tile ----
+//
+// gf[b][y][x][i * k + j] = sum_c g[b][c][y][x] * x[b][c][y + i][x + j]. Source row r (input row
+// y + r) is tap row r of output row y and tap row r - 1 of row y + 1, so a tile holds NT taps
+// j0 .. j0 + NT - 1 of one source row for both rows (2 x NT accumulators) and each input vector
+// load feeds two FMAs. Channels are summed CC at a time so that a chunk's rows stay in L2; the
+// accumulators live in a per-thread [2][k*k][W] buffer, transposed to [W][k*k] at the end.
+
+// acc_q[t][x] (+)= sum_{c < nc} G_q[c][x] * X[c][t + x] for t < NT, q in {0 (USE0), 1 (USE1)};
+// row 1 of G lies `grow` after row 0. `first`: start from zero instead of the buffer.
+template <typename T, int NT, int NX, bool USE0, bool USE1>
+inline int64_t tap_tiles(const T* __restrict G, int64_t gplane, int64_t grow, const T* __restrict X,
+                         int64_t xplane, int64_t nc, T* __restrict A0, T* __restrict A1, int64_t W,
+                         bool first, int64_t x0) {
   typedef typename Vec<T, NX>::type V;
-  int64_t off[NT];
-  for (int t = 0; t < NT; ++t) off[t] = xoff[t];
   for (; x0 + NX <= W; x0 += NX) {
-    V acc[NT];
-    for (int t = 0; t < NT; ++t) acc[t] = first ? V{} : vload<T, NX>(acc_row + t * W + x0);
-    for (int64_t c = 0; c < nc; ++c) {
-      const V gv = vload<T, NX>(G + c * gplane + x0);
-      const T* xv = X + c * xplane + x0;
-      for (int t = 0; t < NT; ++t) acc[t] += gv * vload<T, NX>(xv + off[t]);
+    V a0[NT], a1[NT];
+    for (int t = 0; t < NT; ++t) {
+      a0[t] = USE0 && !first ? vload<T, NX>(A0 + t * W + x0) : V{};
+      a1[t] = USE1 && !first ? vload<T, NX>(A1 + t * W + x0) : V{};
     }
-    for (int t = 0; t < NT; ++t) vstore<T, NX>(acc_row + t * W + x0, acc[t]);
+    for (int64_t c = 0; c < nc; ++c) {
+      const T* gv = G + c * gplane + x0;
+      const T* xv = X + c * xplane + x0;
+      __builtin_prefetch(xv + PF / sizeof(T), 0, 3);
+      V g0 = V{}, g1 = V{};
+      if (USE0) {
+        g0 = vload<T, NX>(gv);
+        __builtin_prefetch(gv + PF / sizeof(T), 0, 3);
+      }
+      if (USE1) {
+        g1 = vload<T, NX>(gv + grow);
+        __builtin_prefetch(gv + grow + PF / sizeof(T), 0, 3);
+      }
+      for (int t = 0; t < NT; ++t) {
+        const V xx = vload<T, NX>(xv + t);
+        if (USE0) a0[t] += g0 * xx;
+        if (USE1) a1[t] += g1 * xx;
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      if (USE0) vstore<T, NX>(A0 + t * W + x0, a0[t]);
+      if (USE1) vstore<T, NX>(A1 + t * W + x0, a1[t]);
+    }
   }
   return x0;
 }
 
-template <typename T, int NT>
-inline void tap_row(const T* G, const T* X, const int64_t* xoff, int64_t nc, int64_t gplane,
-                    int64_t xplane, T* acc_row, int64_t W, bool first) {
-  int64_t x0 = tap_tiles<T, NT, XT>(G, X, xoff, nc, gplane, xplane, acc_row, W, first, 0);
-  if (XT > 8) x0 = tap_tiles<T, NT, (XT > 8 ? XT / 2 : 1)>(G, X, xoff, nc, gplane, xplane, acc_row, W, first, x0);
-  x0 = tap_tiles<T, NT, 4>(G, X, xoff, nc, gplane, xplane, acc_row, W, first, x0);
-  tap_tiles<T, NT, 1>(G, X, xoff, nc, gplane, xplane, acc_row, W, first, x0);
+template <typename T, int NT, bool USE0, bool USE1>
+inline void tap_row(const T* G, int64_t gplane, int64_t grow, const T* X, int64_t xplane, int64_t nc,
+                    T* A0, T* A1, int64_t W, bool first) {
+  int64_t x0 = tap_tiles<T, NT, XT, USE0, USE1>(G, gplane, grow, X, xplane, nc, A0, A1, W, first, 0);
+  if (XT > 4) x0 = tap_tiles<T, NT, 4, USE0, USE1>(G, gplane, grow, X, xplane, nc, A0, A1, W, first, x0);
+  tap_tiles<T, NT, 1, USE0, USE1>(G, gplane, grow, X, xplane, nc, A0, A1, W, first, x0);
+}
+
+// NT = n taps (n <= N) of one source row, for the output rows it feeds.
+template <typename T, int N>
+inline void tap_group(int64_t n, bool use0, bool use1, const T* G, int64_t gplane, int64_t grow,
+                      const T* X, int64_t xplane, int64_t nc, T* A0, T* A1, int64_t W, bool first) {
+  if (n == N) {
+    if (use0 && use1) tap_row<T, N, true, true>(G, gplane, grow, X, xplane, nc, A0, A1, W, first);
+    else if (use0) tap_row<T, N, true, false>(G, gplane, grow, X, xplane, nc, A0, A1, W, first);
+    else tap_row<T, N, false, true>(G, gplane, grow, X, xplane, nc, A0, A1, W, first);
+  } else if (N > 1) {
+    tap_group<T, (N > 1 ? N - 1 : 1)>(n, use0, use1, G, gplane, grow, X, xplane, nc, A0, A1, W, first);
+  }
 }
 
 template <typename T>
-void grad_filters(const T* g, const T* x, T* gft, const ConvShape& s, int64_t begin, int64_t end) {
-  // gft[b][y][t][x] = sum_c g[b][c][y][x] * x[b][c][y + i][x + j]
+void grad_filters(const T* g, const T* x, T* gf, const ConvShape& s, int64_t begin, int64_t end) {
   const int64_t k = s.k, kk = s.kk(), H = s.H, W = s.W, Hp = s.Hp(), Wp = s.Wp();
-  int64_t xoff[225];
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < k; ++j) xoff[i * k + j] = i * Wp + j;
+  const int64_t npairs = num_blocks(H, 2);
+  T* acc = new T[2 * kk * W];  // [row of the pair][tap][x]
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t y = item % H, b = item / H;
-    T* acc_row = gft + (b * H + y) * kk * W;
-    if (s.C == 0) {
-      for (int64_t n = 0; n < kk * W; ++n) acc_row[n] = T(0);
-      continue;
-    }
+    const int64_t y = 2 * (item % npairs), b = item / npairs;
+    const bool two = y + 1 < H;
+    const int64_t rows = two ? 2 : 1;
+    if (s.C == 0)
+      for (int64_t n = 0; n < rows * kk * W; ++n) acc[n] = T(0);
     for (int64_t c0 = 0; c0 < s.C; c0 += CC) {
       const int64_t nc = (s.C - c0) < CC ? (s.C - c0) : CC;
       const T* G = g + output_offset(s, b, c0, y, 0);
-      const T* X = x + input_offset(s, b, c0, y, 0);
-      const bool first = c0 == 0;
-      int64_t t = 0;
-      for (; t + TT <= kk; t += TT)
-        tap_row<T, TT>(G, X, xoff + t, nc, H * W, Hp * Wp, acc_row + t * W, W, first);
-      for (; t + 2 <= kk; t += 2)
-        tap_row<T, 2>(G, X, xoff + t, nc, H * W, Hp * Wp, acc_row + t * W, W, first);
-      for (; t < kk; ++t)
-        tap_row<T, 1>(G, X, xoff + t, nc, H * W, Hp * Wp, acc_row + t * W, W, first);
+      for (int64_t r = 0; r <= k; ++r) {
+        const bool use0 = r < k, use1 = two && r >= 1;
+        if (!use0 && !use1) continue;
+        const T* X = x + input_offset(s, b, c0, y + r, 0);
+        T* A0 = acc + (use0 ? r * k : 0) * W;
+        T* A1 = acc + (use1 ? kk + (r - 1) * k : 0) * W;
+        for (int64_t j0 = 0; j0 < k; j0 += TT) {
+          const int64_t n = k - j0 < TT ? k - j0 : TT;
+          tap_group<T, TT>(n, use0, use1, G, H * W, W, X + j0, Hp * Wp, nc, A0 + j0 * W,
+                           A1 + j0 * W, W, c0 == 0);
+        }
+      }
+    }
+    for (int64_t q = 0; q < rows; ++q) {  // [tap][x] -> [x][tap]
+      T* dst = gf + filter_offset(s, b, y + q, 0, 0);
+      const T* src = acc + q * kk * W;
+      for (int64_t x0 = 0; x0 < W; ++x0)
+        for (int64_t t = 0; t < kk; ++t) dst[x0 * kk + t] = src[t * W + x0];
     }
   }
+  delete[] acc;
 }
 
 }  // namespace
