@@ -189,14 +189,18 @@ ISA_CHECK = """
     import torch, featup_adapters.ops as O
     print(O.cpu_isa())
     g = torch.Generator().manual_seed(1)
-    for (B, C, H, W, k) in [(2, 7, 9, 37, 7), (1, 13, 5, 19, 3), (1, 3, 4, 67, 15), (1, 12, 6, 21, 5)]:
-        x = torch.randn(B, C, H + k - 1, W + k - 1, generator=g); f = torch.randn(B, H, W, k, k, generator=g)
-        gr = torch.randn(B, C, H, W, generator=g)
-        pairs = [(O.adaptive_conv(x, f), O.adaptive_conv_reference(x.double(), f.double())),
-                 (torch.ops.featup_adapters.adaptive_conv_grad_input(gr, f), O.adaptive_conv_grad_input_reference(gr.double(), f.double())),
-                 (torch.ops.featup_adapters.adaptive_conv_grad_filters(gr, x), O.adaptive_conv_grad_filters_reference(gr.double(), x.double()))]
-        for got, ref in pairs:
-            torch.testing.assert_close(got.double(), ref, atol=1e-4 * (1 + ref.abs().max().item()), rtol=1e-4)
+    for dtype, tol in [(torch.float32, 1e-4), (torch.float64, 1e-10)]:
+        for (B, C, H, W, k) in [(2, 7, 9, 37, 7), (1, 13, 5, 19, 3), (1, 3, 4, 67, 15), (1, 12, 6, 21, 5)]:
+            x = torch.randn(B, C, H + k - 1, W + k - 1, generator=g, dtype=torch.float64)
+            f = torch.randn(B, H, W, k, k, generator=g, dtype=torch.float64)
+            gr = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+            xd, fd, grd = x.to(dtype), f.to(dtype), gr.to(dtype)
+            pairs = [(O.adaptive_conv(xd, fd), O.adaptive_conv_reference(x, f)),
+                     (torch.ops.featup_adapters.adaptive_conv_grad_input(grd, fd), O.adaptive_conv_grad_input_reference(gr, f)),
+                     (torch.ops.featup_adapters.adaptive_conv_grad_filters(grd, xd), O.adaptive_conv_grad_filters_reference(gr, x))]
+            for got, ref in pairs:
+                assert got.dtype == dtype
+                torch.testing.assert_close(got.double(), ref, atol=tol * (1 + ref.abs().max().item()), rtol=tol)
     print("ok")
 """
 
