@@ -134,19 +134,27 @@ inline void pair_channels(int64_t nc, const T* F, const T* X, const SourceRow* r
     pair_row<T, 1>(F, X + c * xplane, rows, nrows, k, fj, xj, xplane, out + c * oplane, oplane, orow, two, width);
 }
 
-// filters[b][y][x][t] -> ft[q][t][x] for `rows` consecutive output rows starting at (b, y).
+// filters[b][y][x][t] -> ft[q][t][x] (rows `stride` apart) for `rows` consecutive output rows
+// starting at (b, y).
 template <typename T>
-inline void transpose_rows(const T* filters, const ConvShape& s, int64_t b, int64_t y, int64_t rows, T* ft) {
+inline void transpose_rows(const T* filters, const ConvShape& s, int64_t b, int64_t y, int64_t rows,
+                           T* ft, int64_t stride) {
   const int64_t kk = s.kk(), W = s.W;
   for (int64_t q = 0; q < rows; ++q) {
     const T* src = filters + filter_offset(s, b, y + q, 0, 0);
-    T* dst = ft + q * kk * W;
+    T* dst = ft + q * kk * stride;
     for (int64_t x0 = 0; x0 < W; x0 += 16) {  // 16 pixels at a time: reads stay in a few lines
       const int64_t x1 = x0 + 16 < W ? x0 + 16 : W;
       for (int64_t t = 0; t < kk; ++t)
-        for (int64_t xx = x0; xx < x1; ++xx) dst[t * W + xx] = src[xx * kk + t];
+        for (int64_t xx = x0; xx < x1; ++xx) dst[t * stride + xx] = src[xx * kk + t];
     }
   }
+}
+
+// The first 64-byte aligned address in `raw` (allocate 64 / sizeof(T) extra elements).
+template <typename T>
+inline T* align64(T* raw) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t(63));
 }
 
 template <typename T>
@@ -156,29 +164,32 @@ void forward(const T* x, const T* filters, T* out, const ConvShape& s, int64_t b
   const int64_t k = s.k, kk = s.kk(), H = s.H, W = s.W, Hp = s.Hp(), Wp = s.Wp();
   const int64_t nblocks = num_blocks(s.C, CB), npairs = num_blocks(H, 2);
   SourceRow rows[16];  // k + 1 <= 16
-  // The current pair's filters, transposed to [row][tap][x] so a tap's pixels are contiguous.
+  // The current pair's filters, transposed to [row][tap][x] so a tap's pixels are contiguous,
+  // with rows padded to whole 64-byte lines so that full-width tiles load aligned vectors.
   // Consecutive items share a pair (channel blocks run fastest), so each thread transposes a
   // pair once per range of items.
-  T* ft = new T[2 * kk * W];
+  const int64_t Wa = num_blocks(W, 64 / sizeof(T)) * (64 / sizeof(T));
+  T* ft_raw = new T[2 * kk * Wa + 64 / sizeof(T)];
+  T* ft = align64(ft_raw);
   int64_t cached = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t cb = item % nblocks, pair = item / nblocks;
     const int64_t y = 2 * (pair % npairs), b = pair / npairs;
     const bool two = y + 1 < H;
     if (pair != cached) {
-      transpose_rows(filters, s, b, y, two ? 2 : 1, ft);
+      transpose_rows(filters, s, b, y, two ? 2 : 1, ft, Wa);
       cached = pair;
     }
     int64_t nrows = 0;
     for (int64_t r = 0; r <= k; ++r) {
-      const int64_t f0 = r < k ? r * k * W : -1, f1 = two && r >= 1 ? (kk + (r - 1) * k) * W : -1;
+      const int64_t f0 = r < k ? r * k * Wa : -1, f1 = two && r >= 1 ? (kk + (r - 1) * k) * Wa : -1;
       if (f0 >= 0 || f1 >= 0) rows[nrows++] = SourceRow{r * Wp, f0, f1};
     }
     const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
-    pair_channels<T>(nc, ft, x + input_offset(s, b, c0, y, 0), rows, nrows, k, W, 1, Hp * Wp,
+    pair_channels<T>(nc, ft, x + input_offset(s, b, c0, y, 0), rows, nrows, k, Wa, 1, Hp * Wp,
                      out + output_offset(s, b, c0, y, 0), H * W, W, two, W);
   }
-  delete[] ft;
+  delete[] ft_raw;
 }
 
 template <typename T>
