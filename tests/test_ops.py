@@ -78,6 +78,8 @@ def test_gradcheck_both_inputs(shape):
     f.requires_grad_(True)
     assert torch.autograd.gradcheck(adaptive_conv, (x, f))
     assert torch.autograd.gradgradcheck(adaptive_conv, (x, f))
+    # the reference is the fallback: it must be differentiable on its own (it accumulates in place)
+    assert torch.autograd.gradcheck(adaptive_conv_reference, (x, f))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5, 3), (1, 5, 6, 3, 7), (0, 3, 4, 4, 3)])

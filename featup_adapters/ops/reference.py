@@ -35,7 +35,8 @@ def adaptive_conv_reference(input: Tensor, filters: Tensor) -> Tensor:
     out = x.new_zeros((B, C, H, W))
     for i in range(k):
         for j in range(k):
-            out = out + f[:, None, :, :, i, j] * x[:, :, i:i + H, j:j + W]
+            # in place: one output buffer for all taps (autograd saves the factors, not `out`)
+            out.addcmul_(f[:, None, :, :, i, j], x[:, :, i:i + H, j:j + W])
     return out.to(input.dtype)
 
 
