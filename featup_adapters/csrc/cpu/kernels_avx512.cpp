@@ -8,7 +8,7 @@
 #define FA_ISA_NAME "avx512"
 #define FA_CB 8
 #define FA_XT 16
-#define FA_PF_BYTES 128  // software prefetch distance of the forward kernel
+#define FA_PF_BYTES 128  // software prefetch distance of the kernels
 #define FA_TT 8
 #include "kernels_impl.h"
 #pragma GCC pop_options

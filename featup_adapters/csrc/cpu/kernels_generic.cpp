@@ -5,6 +5,6 @@
 #define FA_ISA_NAME "generic"
 #define FA_CB 4
 #define FA_XT 4
-#define FA_PF_BYTES 64  // software prefetch distance of the forward kernel
+#define FA_PF_BYTES 64  // software prefetch distance of the kernels
 #define FA_TT 4
 #include "kernels_impl.h"
