@@ -224,6 +224,69 @@ def test_finetune_seg_command_trains_on_a_voc_folder_and_writes_checkpoints(tmp_
     up = load_upsampler(str(out / "upsampler"))
     for k, v in up.state_dict().items():
         assert torch.equal(v, model.neck.upsampler.state_dict()[k]), k
+    # --resume continues that run to a larger --steps ...
+    code = main(["finetune-seg", "--data", str(tmp_path / "data"), "--layer", LAYER, "--image-size", "32x40",
+                 "--steps", "3", "--batch-size", "2", "--out", str(out), "--no-progress", "--device", "cpu",
+                 "--resume", str(out / "checkpoint_last.pt")])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["first_step"] == 3
+    assert load_checkpoint(model, str(out / "checkpoint_last.pt"))["step"] == 3
+    # ... and refuses a checkpoint without optimizer state, in one line
+    from featup_adapters.tasks.segmentation import save_checkpoint
+
+    save_checkpoint(model, str(tmp_path / "weights_only.pt"), step=1)
+    capsys.readouterr()
+    code = main(["finetune-seg", "--data", str(tmp_path / "data"), "--layer", LAYER, "--image-size", "32x40",
+                 "--steps", "3", "--batch-size", "2", "--out", str(tmp_path / "run2"), "--no-progress",
+                 "--device", "cpu", "--resume", str(tmp_path / "weights_only.pt")])
+    err = capsys.readouterr().err
+    assert code != 0 and "cannot resume" in err and "optimizer state" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+class _CrashAfter(torch.utils.data.Dataset):
+    """A dataset that fails once ``limit`` samples have been read: a run killed mid-training."""
+
+    def __init__(self, data, limit):
+        self.data, self.limit, self.reads = data, limit, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads > self.limit:
+            raise RuntimeError("simulated crash")
+        return self.data[i]
+
+
+@pytest.mark.slow
+@pytest.mark.timm
+def test_finetune_resumed_after_a_crash_matches_an_uninterrupted_run(tmp_path):
+    from featup_adapters.tasks.segmentation import build_segmentation_model, finetune
+
+    train = TextureMosaic(6, (32, 32), seed=0)
+    kw = dict(steps=5, batch_size=2, lr=LR, progress=False, save_every=2)
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_segmentation_model("efficientnet_lite0", 8, upsampler="jbu", layer=LAYER)
+
+    whole = fresh()
+    full = finetune(whole, train, out_dir=str(tmp_path / "whole"), **kw)
+    crashed = fresh()
+    with pytest.raises(RuntimeError, match="simulated crash"):   # dies fetching step 5's batch
+        finetune(crashed, _CrashAfter(train, 8), out_dir=str(tmp_path / "crashed"), **kw)
+    resumed = fresh()
+    rest = finetune(resumed, train, out_dir=str(tmp_path / "resumed"),
+                    resume=str(tmp_path / "crashed" / "checkpoint_last.pt"), **kw)
+    assert rest["first_step"] == 5 and len(rest["losses"]) == 1
+    assert rest["losses"] == full["losses"][4:]
+    a, b = whole.trainable_state_dict(), resumed.trainable_state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_cli_parsers_register_subcommands_with_a_func():

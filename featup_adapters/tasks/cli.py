@@ -2,6 +2,8 @@
 
     featup-adapters finetune-seg --backbone efficientnet_lite0 --data voc_like/ --out runs/seg
     featup-adapters finetune-seg --data mosaic --out runs/mosaic --steps 200 --image-size 96x96
+    featup-adapters finetune-seg --data mosaic --out runs/mosaic --steps 200 --image-size 96x96 \
+        --resume runs/mosaic/checkpoint_last.pt      # continue a run that stopped
     featup-adapters probe --backbone efficientnet_lite0 --data mosaic
 
 ``--data`` is a VOC-style folder (``JPEGImages/`` + ``SegmentationClass/`` index PNGs, or ``images/`` +
@@ -101,6 +103,9 @@ def add_finetune_seg_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue a run from its OUT/checkpoint_last.pt (same data, --seed and --batch-size; "
+                        "a larger --steps extends it)")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end only)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -119,12 +124,14 @@ def run_finetune_seg(args) -> int:
     result = finetune(model, train, steps=steps, batch_size=args.batch_size, lr=args.lr or 1e-2, val_data=val,
                       eval_every=args.eval_every, out_dir=args.out, save_every=args.save_every,
                       device=_device(args.device), num_workers=args.workers, seed=args.seed,
-                      progress=not args.no_progress, log=print)
+                      progress=not args.no_progress, log=print, resume=args.resume)
     final = result["val"][-1][1]
+    losses = result["losses"]
     _write_json({"backbone": args.backbone, "data": args.data, "num_classes": num_classes,
                  "class_names": class_names, "steps": steps, "upsampler": args.upsampler, "head": args.head,
                  "freeze_backbone": args.freeze_backbone, "seconds": result["seconds"],
-                 "first_loss": result["losses"][0], "last_loss": result["losses"][-1],
+                 "first_step": result["first_step"], "resumed_from": args.resume,
+                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                  "val": [{"step": s, **m} for s, m in result["val"]]}, os.path.join(args.out, "metrics.json"))
     print(f"val mIoU {final['miou']:.4f}  pixel acc {final['pixel_acc']:.4f}  -> {args.out}")
     return 0

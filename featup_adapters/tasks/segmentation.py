@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -112,19 +112,42 @@ def build_segmentation_model(backbone: Union[str, nn.Module] = "efficientnet_lit
     return SegmentationModel(neck, num_classes, head=head, freeze_backbone=freeze_backbone, hidden=hidden)
 
 
-def _forever(loader: DataLoader) -> Iterator:
-    while True:
-        for batch in loader:
-            yield batch
+class _EpochBatches(torch.utils.data.Sampler):
+    """Endless batches of a fresh seeded permutation per epoch, starting after ``skip`` batches.
+
+    Batch ``n`` depends only on ``(seed, n)``, so a resumed run sees the batches an uninterrupted
+    run would have seen."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool, seed: int, skip: int = 0):
+        self.n, self.batch_size, self.seed, self.skip = n, batch_size, seed, skip
+        self.per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+
+    def __iter__(self):
+        epoch, first = divmod(self.skip, self.per_epoch)
+        while True:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            for b in range(first, self.per_epoch):
+                yield perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            epoch, first = epoch + 1, 0
 
 
-def save_checkpoint(model: SegmentationModel, path: str, *, step: int = 0, extra: Optional[dict] = None) -> str:
-    """Write ``{"model": trainable state, "step", "config"}`` to ``path`` atomically; returns ``path``."""
+def save_checkpoint(model: SegmentationModel, path: str, *, step: int = 0, extra: Optional[dict] = None,
+                    optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None) -> str:
+    """Write ``{"model": trainable state, "step", "config"}`` to ``path`` atomically; returns ``path``.
+
+    With ``optimizer`` (and ``scheduler``) it also holds their states and the torch random state, so
+    that ``finetune(..., resume=path)`` continues the run exactly."""
     config = {"num_classes": model.num_classes, "head": model.head_kind, "freeze_backbone": model.freeze_backbone,
               "backbone_id": getattr(model.neck, "backbone_id", None), "feature_dim": int(model.neck.feature_dim),
               "upsampler": type(model.neck.upsampler).__name__}
     config.update(extra or {})
-    _atomic_torch_save({"model": model.trainable_state_dict(), "step": int(step), "config": config}, path)
+    ckpt = {"model": model.trainable_state_dict(), "step": int(step), "config": config}
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+        ckpt["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        ckpt["rng"] = {"cpu": torch.get_rng_state(),
+                       "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    _atomic_torch_save(ckpt, path)
     return path
 
 
@@ -151,7 +174,10 @@ def evaluate(model: SegmentationModel, data: Dataset, *, batch_size: int = 4, de
     was_training = model.training
     model.eval().to(device)
     meter = SegMeter(model.num_classes, ignore_index)
-    for images, masks in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+    # a private generator: creating the loader must not draw from the global random state
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
+    for images, masks in loader:
         logits = model(images.to(device))
         meter.update(logits.argmax(1).cpu(), masks)
     model.train(was_training)
@@ -164,14 +190,19 @@ def finetune(model: SegmentationModel, train_data: Dataset, *, steps: int = 1000
              val_data: Optional[Dataset] = None, eval_every: int = 0, out_dir: Optional[str] = None,
              save_every: int = 0, device: Union[str, torch.device] = "cpu", num_workers: int = 0,
              seed: int = 0, progress: bool = True, ignore_index: int = IGNORE_INDEX,
-             log: Optional[Callable[[str], None]] = None) -> Dict[str, object]:
+             log: Optional[Callable[[str], None]] = None, resume: Optional[str] = None) -> Dict[str, object]:
     """Train ``model`` with per-pixel cross-entropy (AdamW, cosine schedule) for ``steps`` batches.
 
     Gradients reach the head (at ``lr``), the upsampler (``lr * upsampler_lr_mult``; FeatUp trains its
     JBU at 1e-3) and, unless frozen, the backbone (``lr * backbone_lr_mult``).
     With ``out_dir``: ``checkpoint_last.pt`` every ``save_every`` steps and at the end, and the trained
     upsampler via its ``save_pretrained(out_dir/"upsampler")`` when it has one.
-    Returns ``{"losses": [per step], "val": [(step, metrics), ...], "seconds": float}``.
+    ``resume``: a ``checkpoint_last.pt`` of an earlier call with the same data, ``seed`` and
+    ``batch_size``; training continues after its step with the weights, optimizer, schedule,
+    random state and data order of that run, so with the same ``steps`` the result equals an
+    uninterrupted run (a larger ``steps`` extends it, the cosine schedule then spans the new total).
+    Returns ``{"losses": [per step run here], "val": [(step, metrics), ...], "seconds": float,
+    "first_step": int}``.
     """
     if steps < 1:
         raise ValueError(f"expected steps >= 1, got {steps}")
@@ -190,9 +221,12 @@ def finetune(model: SegmentationModel, train_data: Dataset, *, steps: int = 1000
         groups.append({"params": backbone_params, "lr": lr * backbone_lr_mult})
     opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, drop_last=len(train_data) >= batch_size,
-                        num_workers=num_workers, generator=gen)
+    done = 0
+    if resume is not None:
+        done = _resume(model, opt, sched, resume, steps)
+    batches = iter(DataLoader(
+        train_data, num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+        batch_sampler=_EpochBatches(len(train_data), batch_size, len(train_data) >= batch_size, seed, skip=done)))
     losses: List[float] = []
     val: List[tuple] = []
     bar = None
@@ -201,8 +235,9 @@ def finetune(model: SegmentationModel, train_data: Dataset, *, steps: int = 1000
 
         bar = tqdm(total=steps, desc="finetune-seg", unit="step")
     t0 = time.perf_counter()
-    batches = _forever(loader)
-    for step in range(1, steps + 1):
+    if bar is not None:
+        bar.update(done)
+    for step in range(done + 1, steps + 1):
         images, masks = next(batches)
         images, masks = images.to(device), masks.to(device)
         logits = model(images)
@@ -223,7 +258,8 @@ def finetune(model: SegmentationModel, train_data: Dataset, *, steps: int = 1000
             if log:
                 log(f"step {step}: val mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f}")
         if out_dir and save_every and step % save_every == 0:
-            save_checkpoint(model, os.path.join(out_dir, "checkpoint_last.pt"), step=step)
+            save_checkpoint(model, os.path.join(out_dir, "checkpoint_last.pt"), step=step, optimizer=opt,
+                            scheduler=sched)
     if bar is not None:
         bar.close()
     if val_data is not None:
@@ -232,9 +268,28 @@ def finetune(model: SegmentationModel, train_data: Dataset, *, steps: int = 1000
         if log:
             log(f"step {steps}: val mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f}")
     if out_dir:
-        save_checkpoint(model, os.path.join(out_dir, "checkpoint_last.pt"), step=steps)
+        save_checkpoint(model, os.path.join(out_dir, "checkpoint_last.pt"), step=steps, optimizer=opt,
+                        scheduler=sched)
         up = model.neck.upsampler
         if hasattr(up, "save_pretrained") and any(True for _ in up.parameters()):
             up.save_pretrained(os.path.join(out_dir, "upsampler"), backbone_id=getattr(model.neck, "backbone_id", None),
                                layer=getattr(model.neck, "layer", None))
-    return {"losses": losses, "val": val, "seconds": time.perf_counter() - t0}
+    return {"losses": losses, "val": val, "seconds": time.perf_counter() - t0, "first_step": done + 1}
+
+
+def _resume(model: SegmentationModel, opt, sched, path: str, steps: int) -> int:
+    """Load a finetune checkpoint into the model, optimizer, schedule and random state; its step."""
+    ckpt = load_checkpoint(model, path)
+    if ckpt.get("optimizer") is None:
+        raise ValueError(f"cannot resume from {path}: it holds model weights only (expected a "
+                         "checkpoint_last.pt written by finetune, with optimizer state)")
+    done = int(ckpt["step"])
+    if done > steps:
+        raise ValueError(f"cannot resume from {path}: it is at step {done}, beyond steps={steps}")
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scheduler") is not None:
+        sched.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return done
