@@ -220,13 +220,7 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
       if (p < 0 || p >= H) continue;
       const int64_t i0 = Y - p, i1 = Y + 1 - p, slot = p % nslots;
       if (tag[slot] != b * H + p) {
-        T* dst = fring + slot * kk * Wg + (k - 1);
-        const T* src = filters + filter_offset(s, b, p, 0, 0);
-        for (int64_t x0 = 0; x0 < W; x0 += 16) {
-          const int64_t x1 = x0 + 16 < W ? x0 + 16 : W;
-          for (int64_t t = 0; t < kk; ++t)
-            for (int64_t xx = x0; xx < x1; ++xx) dst[t * Wg + xx] = src[xx * kk + t];
-        }
+        transpose_rows(filters, s, b, p, 1, fring + slot * kk * Wg + (k - 1), Wg);
         tag[slot] = b * H + p;
       }
       T* gdst = grows + nrows * CB * Wg + (k - 1);
