@@ -84,11 +84,11 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& filters)
   const auto& isa = cpu::best_kernels();
   AT_DISPATCH_FLOATING_TYPES(ct, "adaptive_conv_grad_input_cpu", [&] {
     const auto& ks = kernel_set<scalar_t>();
-    const scalar_t* gpp = g.data_ptr<scalar_t>();
-    const scalar_t* fpp = f.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* fp = f.data_ptr<scalar_t>();
     scalar_t* gip = gi.data_ptr<scalar_t>();
-    at::parallel_for(0, cpu::grad_input_items(isa, s), grain(isa.channel_block * Wp * k * k),
-                     [&](int64_t b0, int64_t b1) { ks.grad_input(gpp, fpp, gip, s, b0, b1); });
+    at::parallel_for(0, cpu::grad_input_items(isa, s), grain(2 * isa.channel_block * Wp * k * k),
+                     [&](int64_t b0, int64_t b1) { ks.grad_input(gp, fp, gip, s, b0, b1); });
   });
   return gi.to(dtype);
 }
