@@ -49,6 +49,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--random-projection", type=int, default=30, help="0 = compare all channels")
     p.add_argument("--downsampler", choices=("attention", "simple"), default="attention")
     p.add_argument("--tv-weight", type=float, default=0.0)
+    p.add_argument("--crf-weight", type=float, default=0.001,
+                   help="weight of FeatUp's CRF prior on the first view of each step; 0 = off "
+                        "(default: %(default)s)")
+    p.add_argument("--no-norm", action="store_true",
+                   help="train on the raw features instead of FeatUp's LayerNorm over channels "
+                        "(the saved config records use_norm, which wrap() follows)")
     p.add_argument("--hr-downscale", type=int, default=1,
                    help="train the upsampled features at image-size / N (N divides the stride)")
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +79,8 @@ def run_train(args) -> int:
         image_size=args.image_size, lr=args.lr, out_dir=args.out, layer=args.layer,
         n_jitters=args.n_jitters, max_pad=args.max_pad, max_zoom=args.max_zoom,
         random_projection=args.random_projection, downsampler=args.downsampler,
-        tv_weight=args.tv_weight, hr_downscale=args.hr_downscale, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        tv_weight=args.tv_weight, crf_weight=args.crf_weight, use_norm=not args.no_norm,
+        hr_downscale=args.hr_downscale, seed=args.seed, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, snapshots=not args.no_snapshots, resume=args.resume,
         amp=args.amp, device=args.device, progress=not args.no_progress,
         tensorboard=args.tensorboard)

@@ -8,6 +8,9 @@ F; ``F_hr = upsampler(F, x)`` at the image size; for each of ``n_jitters`` rando
 target ``f(t(x))`` and the prediction ``downsampler(t(F_hr))`` are projected onto
 ``random_projection`` random directions and compared with a Gaussian likelihood whose scale is
 learned.  NAdam, gradient clipping at ``clip_warmup_norm`` for the first ``clip_warmup_steps``.
+As in FeatUp, by default the features pass through a LayerNorm over channels (``use_norm``, stored
+in the saved upsampler's config so ``wrap`` applies it at inference too) and the CRF prior
+(``crf_weight`` 0.001, the image as guidance) is added on the first view of each step.
 
 All randomness of a step (batch order, crops, jitters, projections, dropout) is seeded from
 ``(seed, step, rank)``, so a run resumed from a checkpoint continues exactly as if never stopped.
@@ -34,7 +37,7 @@ from . import checkpoint as ckpt_mod
 from . import distributed as D
 from .downsamplers import make_downsampler
 from .jitter import sample_jitter
-from .losses import ScaleNet, gaussian_nll, project, tv_loss
+from .losses import ScaleNet, channel_norm, crf_loss, gaussian_nll, project, tv_loss
 from .losses import random_projection as _random_projection
 from .source import feature_source, release, source_id, source_layer
 
@@ -56,6 +59,8 @@ class TrainConfig:
     random_projection: int = 30
     downsampler: str = "attention"
     tv_weight: float = 0.0
+    crf_weight: float = 0.001
+    use_norm: bool = True
     clip_warmup_steps: int = 10
     clip_warmup_norm: float = 1e-4
     seed: int = 0
@@ -69,18 +74,21 @@ class MultiViewObjective(nn.Module):
     Shape:
         ``forward(lowres: Tensor[B, C, h, w], image: Tensor[B, 3, H, W], views, proj: Tensor[n, C])``
         where ``views`` is a list of ``(Jitter, target: Tensor[B, C, h', w'])``; returns a scalar.
+        With ``crf_weight > 0``, ``crf_weight * crf_loss(proj(F_hr), image)`` is added once per
+        step (FeatUp adds it on the first jitter); ``crf_generator`` draws its sampled pixels.
     """
 
     def __init__(self, upsampler: nn.Module, downsampler: nn.Module, scale_net: nn.Module,
-                 tv_weight: float = 0.0):
+                 tv_weight: float = 0.0, crf_weight: float = 0.0):
         super().__init__()
         self.upsampler = upsampler
         self.downsampler = downsampler
         self.scale_net = scale_net
         self.tv_weight = tv_weight
+        self.crf_weight = crf_weight
 
-    def forward(self, lowres: Tensor, image: Tensor, views, proj: Tensor, hr_downscale: int = 1
-                ) -> Tensor:
+    def forward(self, lowres: Tensor, image: Tensor, views, proj: Tensor, hr_downscale: int = 1,
+                crf_generator: torch.Generator | None = None) -> Tensor:
         H, W = image.shape[-2] // hr_downscale, image.shape[-1] // hr_downscale
         hr = self.upsampler(lowres, image, output_size=(H, W))
         if tuple(hr.shape[-2:]) != (H, W):
@@ -93,6 +101,9 @@ class MultiViewObjective(nn.Module):
             loss = loss + gaussian_nll(project(pred, proj).float(), project(target, proj).float(),
                                        scale.float())
         loss = loss / max(1, len(views))
+        if self.crf_weight:
+            loss = loss + self.crf_weight * crf_loss(project(hr, proj).float(), image.float(),
+                                                     generator=crf_generator)
         if self.tv_weight:
             loss = loss + self.tv_weight * tv_loss(hr).float()
         return loss
@@ -151,7 +162,8 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
                     image_size=224, lr: float = 1e-3, out_dir: str | os.PathLike | None = None,
                     layer: str | None = None, upsampler=None, n_jitters: int = 5,
                     max_pad: int = 20, max_zoom: float = 2.0, random_projection: int = 30,
-                    downsampler: str = "attention", tv_weight: float = 0.0, seed: int = 0,
+                    downsampler: str = "attention", tv_weight: float = 0.0,
+                    crf_weight: float = 0.001, use_norm: bool = True, seed: int = 0,
                     checkpoint_every: int = 500, log_every: int = 50, snapshots: bool = True,
                     resume: str | os.PathLike | None = None, amp: str | None = None,
                     device=None, progress: bool = True, tensorboard: bool = False,
@@ -173,6 +185,10 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
         upsampler: None / ``"jbu"`` for a fresh ``JBUStack(C)``, or a module to fine-tune with
             ``forward(source[B, C, h, w], guidance[B, 3, H, W], output_size=(H, W))``.
         downsampler: ``"attention"`` or ``"simple"``.  amp: None or ``"bf16"`` (autocast).
+        crf_weight: weight of FeatUp's CRF prior (:func:`~featup_adapters.training.losses.crf_loss`
+            on the projected upsampled features, the image as guidance), once per step; 0 = off.
+        use_norm: train on ``LayerNorm_C(f(x))`` (input and targets), FeatUp's "ChannelNorm"; saved
+            as ``use_norm`` in the upsampler's config, so ``wrap`` applies the same norm.
         resume: a checkpoint file or a previous ``out_dir``; must be for the same backbone/layer.
         hr_downscale: train the upsampler's output at ``image_size / hr_downscale`` (an integer
             dividing the image size and the stride; views are sampled at that resolution and
@@ -192,14 +208,17 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
     if steps < 0 or batch_size < 1 or n_jitters < 1:
         raise ValueError(f"expected steps >= 0, batch_size >= 1, n_jitters >= 1, got steps={steps}, "
                          f"batch_size={batch_size}, n_jitters={n_jitters}")
+    if crf_weight < 0 or tv_weight < 0:
+        raise ValueError(f"expected crf_weight >= 0 and tv_weight >= 0, got crf_weight={crf_weight}, "
+                         f"tv_weight={tv_weight}")
     if amp not in (None, "bf16"):
         raise ValueError(f"expected amp=None or 'bf16', got {amp!r}")
     size = _size_tuple(image_size)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, hr_downscale=hr_downscale,
                       image_size=size, lr=lr, n_jitters=n_jitters, max_pad=max_pad,
                       max_zoom=max_zoom, random_projection=random_projection,
-                      downsampler=downsampler, tv_weight=tv_weight,
-                      clip_warmup_steps=clip_warmup_steps, clip_warmup_norm=clip_warmup_norm,
+                      downsampler=downsampler, tv_weight=tv_weight, crf_weight=float(crf_weight),
+                      use_norm=bool(use_norm), clip_warmup_steps=clip_warmup_steps, clip_warmup_norm=clip_warmup_norm,
                       seed=seed, amp=amp)
 
     dist = D.setup(device)
@@ -210,6 +229,9 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
         src = feature_source(backbone, layer)
         stride, dim = int(src.stride), int(src.feature_dim)
         bid, lyr = source_id(src), source_layer(src, layer)
+        if getattr(src, "norm", None) is not None:
+            raise ValueError("expected a feature source without its own LayerNorm (the trainer "
+                             "applies it itself when use_norm=True), got a neck built with use_norm")
         if min(size) < stride:
             raise ValueError(f"expected image_size of at least the backbone's stride ({stride} px), "
                              f"got {size[0]}x{size[1]}")
@@ -226,11 +248,15 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
         torch.manual_seed(seed)  # same initial weights for the same seed (and on every rank)
         up = _make_upsampler(upsampler, dim)
         objective = MultiViewObjective(up, make_downsampler(downsampler, dim, stride // d),
-                                       ScaleNet(dim), tv_weight).to(dev)
+                                       ScaleNet(dim), tv_weight, crf_weight).to(dev)
         optim = torch.optim.NAdam(objective.parameters(), lr=lr)
         step = 0
         rows: list[dict] = []
         if start_ckpt is not None:
+            old = start_ckpt.get("config") or {}
+            if bool(old.get("use_norm", False)) != bool(use_norm):
+                raise ValueError(f"expected use_norm={bool(old.get('use_norm', False))} as in the "
+                                 f"checkpoint being resumed ({resume}), got use_norm={bool(use_norm)}")
             objective.load_state_dict(start_ckpt["model"])
             optim.load_state_dict(start_ckpt["optimizer"])
             step = int(start_ckpt["step"])
@@ -272,8 +298,12 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
             ckpt_mod.atomic_save(state, out / "checkpoints" / "last.pt")
             _write_csv(out / "metrics.csv", rows)
             if snapshots:
-                _snapshot(src, up, dataset, src.mean, src.std, dev, out / "snapshots" /
+                _snapshot(feats, up, dataset, src.mean, src.std, dev, out / "snapshots" /
                           f"step_{at_step:06d}.png")
+
+        def feats(images: Tensor) -> Tensor:
+            f = src.features(images).float()
+            return channel_norm(f) if use_norm else f
 
         objective.train()
         t_last, n_since, loss_sum = time.perf_counter(), 0, 0.0
@@ -286,14 +316,14 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
                                 order.batch(step, dist.rank, dist.world_size, batch_size)]).to(dev)
             x = _normalize(imgs, src.mean, src.std)
             with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=amp == "bf16"):
-                lowres = src.features(x).float()
+                lowres = feats(x)
                 views = []
                 for _ in range(n_jitters):
                     t = sample_jitter(hr_size, max_pad // d, max_zoom, generator=g)
-                    views.append((t, src.features(t.scaled(d)(x)).float()))
+                    views.append((t, feats(t.scaled(d)(x))))
             proj = _random_projection(dim, random_projection, generator=g, device=dev)
             with torch.autocast(dev.type, torch.bfloat16, enabled=amp == "bf16"):
-                loss = model(lowres, x, views, proj, d)
+                loss = model(lowres, x, views, proj, d, crf_generator=g)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}")
             optim.zero_grad(set_to_none=True)
@@ -331,7 +361,7 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
             writer.close()
         up.eval()
         if dist.is_main and out is not None and hasattr(up, "save_pretrained"):
-            up.save_pretrained(out, backbone_id=bid, layer=lyr, use_norm=False,
+            up.save_pretrained(out, backbone_id=bid, layer=lyr, use_norm=bool(use_norm),
                                extra={"training": {**asdict(cfg), "image_size": list(size),
                                                    "final_step": step, "data": _describe(data),
                                                    "num_images": len(dataset),
@@ -351,12 +381,12 @@ def _describe(data) -> str:
 
 
 @torch.no_grad()
-def _snapshot(src, up, dataset, mean, std, dev, path: Path) -> None:
+def _snapshot(feats, up, dataset, mean, std, dev, path: Path) -> None:
     was_training = up.training
     up.eval()
     try:
         x = _normalize(dataset.get(0)[None].to(dev), mean, std)
-        lowres = src.features(x).float()
+        lowres = feats(x)
         hr = up(lowres, x, output_size=tuple(x.shape[-2:]))
         from .snapshot import pca_snapshot
         pca_snapshot(x, lowres, hr, path, mean=tuple(mean), std=tuple(std))
