@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import viz
 from ._io import atomic_torch_save, atomic_write_bytes
-from .cli import PROG, CLIError
+from ._cli_base import PROG, CLIError
 from .images import check_min_size, default_image, read_rgb, resize_rgb, to_tensor
 
 __all__ = ["run_demo", "run_upsample", "run_cam"]

@@ -20,7 +20,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-PROG = "featup-adapters"
+from ._cli_base import PROG, CLIError
 
 # (module, function) pairs that register sub-commands owned by other parts of the package;
 # a module that is missing or fails to import leaves its commands out, never the whole CLI.
@@ -36,10 +36,6 @@ _MOUNTED_EXAMPLES = {
     "finetune-seg": f"{PROG} finetune-seg --data mosaic --steps 200 --out runs/seg",
     "probe": f"{PROG} probe --data mosaic --methods lowres,bilinear,jbu",
 }
-
-
-class CLIError(Exception):
-    """A user-facing failure: printed as one line, exit code 1."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -160,10 +160,9 @@ def test_check_compatible_names_both_sides(tmp_path):
     hub.check_compatible(make_upsampler("bilinear"), dim=3, backbone_id="anything")
 
 
-def test_shipped_weights_register_themselves(tmp_path, monkeypatch):
+def test_shipped_weights_register_themselves(tmp_path):
     _trained_stack(dim=8).save_pretrained(tmp_path / "default_model", backbone_id="my/default")
-    monkeypatch.setattr(hub, "WEIGHTS_DIR", tmp_path)
-    hub._register_shipped_weights()
+    hub._register_shipped_weights(tmp_path)
     assert hub.pretrained_for("my/default") == "default_model"
     assert {e["name"]: e["kind"] for e in hub.list_upsamplers()}["default_model"] == "local"
 

@@ -1,5 +1,7 @@
 """What every upsampler shares: input checks, output-size parsing, ``save_pretrained`` and the class
 registry that lets ``featup_adapters.hub.load_upsampler`` rebuild a saved module from its config.
+
+The file format itself lives in ``featup_adapters._format`` (below both this package and ``hub``).
 """
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .. import _format
 
 # class name -> class; filled by @register_upsampler_class, read by hub.load_upsampler
 UPSAMPLER_CLASSES: dict[str, type] = {}
@@ -20,6 +24,16 @@ def register_upsampler_class(cls: type) -> type:
     """
     UPSAMPLER_CLASSES[cls.__name__] = cls
     return cls
+
+
+def check_registered(module) -> None:
+    """Raise TypeError unless ``module``'s class is a registered upsampler class (one that a saved
+    config can name)."""
+    cls = type(module).__name__
+    if UPSAMPLER_CLASSES.get(cls) is not type(module) or not hasattr(module, "init_kwargs"):
+        raise TypeError(f"save_pretrained: {cls} is not a registered upsampler class "
+                        f"(known: {sorted(UPSAMPLER_CLASSES)}); decorate it with "
+                        f"featup_adapters.upsamplers.register_upsampler_class")
 
 
 def _shape(t: Tensor) -> str:
@@ -114,6 +128,7 @@ class UpsamplerMixin:
         those of a loaded FeatUp checkpoint), else None/None/False. ``extra`` must be JSON-able.
         Read back with ``featup_adapters.hub.load_upsampler(directory)``.
         """
-        from ..hub import save_upsampler
-        return save_upsampler(self, directory, backbone_id=backbone_id, layer=layer,
-                              use_norm=use_norm, extra=extra)
+        check_registered(self)
+        config = _format.build_config(self, backbone_id=backbone_id, layer=layer,
+                                      use_norm=use_norm, extra=extra)
+        return _format.write_saved(self, directory, config)
