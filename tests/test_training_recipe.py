@@ -159,3 +159,23 @@ def test_cli_switches_reach_the_trainer(monkeypatch):
     assert a.func(a) == 0 and got["crf_weight"] == 0.001 and got["use_norm"] is True
     a = p.parse_args(["train", "--out", "o", "--crf-weight", "0", "--no-norm"])
     assert a.func(a) == 0 and got["crf_weight"] == 0.0 and got["use_norm"] is False
+
+
+def test_cli_init_starts_from_a_saved_upsampler(monkeypatch, tmp_path):
+    import featup_adapters.training.trainer as T
+    from featup_adapters.upsamplers import JBUStack
+
+    torch.manual_seed(0)
+    saved = JBUStack(8)
+    saved.save_pretrained(tmp_path / "up")
+    got = {}
+    monkeypatch.setattr(T, "train_upsampler", lambda *a, **k: got.update(k))
+    p = argparse.ArgumentParser()
+    add_train_parser(p.add_subparsers(dest="command", required=True))
+    a = p.parse_args(["train", "--out", "o", "--init", str(tmp_path / "up")])
+    assert a.func(a) == 0
+    for k, v in saved.state_dict().items():
+        assert torch.equal(got["upsampler"].state_dict()[k], v), k
+    a = p.parse_args(["train", "--out", "o", "--init", str(tmp_path / "missing")])
+    with pytest.raises(Exception, match="missing"):
+        a.func(a)

@@ -62,6 +62,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--no-snapshots", action="store_true", help="no PCA snapshot PNGs")
     p.add_argument("--resume", default=None, help="checkpoint file or previous --out folder")
+    p.add_argument("--init", default=None,
+                   help="start from a saved upsampler (a folder or registered name for "
+                        "featup_adapters.hub.load_upsampler) instead of a fresh JBU stack")
     p.add_argument("--amp", choices=("bf16",), default=None, help="bf16 autocast")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--tensorboard", action="store_true", help="log to OUT/tensorboard")
@@ -74,6 +77,10 @@ def run_train(args) -> int:
     from .trainer import train_upsampler
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    upsampler = None
+    if getattr(args, "init", None):
+        from ..hub import load_upsampler
+        upsampler = load_upsampler(args.init)
     train_upsampler(
         args.backbone, args.data, steps=args.steps, batch_size=args.batch_size,
         image_size=args.image_size, lr=args.lr, out_dir=args.out, layer=args.layer,
@@ -83,7 +90,7 @@ def run_train(args) -> int:
         hr_downscale=args.hr_downscale, seed=args.seed, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, snapshots=not args.no_snapshots, resume=args.resume,
         amp=args.amp, device=args.device, progress=not args.no_progress,
-        tensorboard=args.tensorboard)
+        tensorboard=args.tensorboard, upsampler=upsampler)
     return 0
 
 
