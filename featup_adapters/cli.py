@@ -125,25 +125,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo.png", help="PNG to write (default: %(default)s)")
     p.set_defaults(func=_pictures("run_demo"))
 
-    p = sub.add_parser("upsample", help="save upsampled features (.pt / .safetensors) and PCA pictures",
+    p = sub.add_parser("upsample", help="save upsampled features of images, folders or file lists (resumable, torchrun)",
                        formatter_class=_fmt(),
-                       description="Upsample the features of each image and save them as Tensor[C, H, W] "
-                                   "(.pt: torch.load gives the tensor; .safetensors: key 'features') with "
-                                   "a PCA picture per image. Images of the same size run in batches.",
-                       epilog=_example(f"{PROG} upsample photos/*.jpg --size 224 320 --out feats/",
-                                       f"{PROG} upsample a.png --backbone efficientnet_lite0 --format "
-                                       "safetensors --out feats/"))
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+                       description="Upsample the features of each image and save them as Tensor[C, H, W], one "
+                                   "file per image (.pt: torch.load gives the tensor; .safetensors: key "
+                                   "'features'), named after the image's path relative to the inputs' common "
+                                   "folder, with a PCA picture per image (--no-pca: none). OUT/manifest.jsonl "
+                                   "records what is done: a rerun skips it (and checks it), a killed run "
+                                   "resumes. Under torchrun each process takes its share of the images.",
+                       epilog=_example(f"{PROG} upsample photos/ --size 224 320 --out feats/",
+                                       f"{PROG} upsample @train.txt --format safetensors --dtype float16 "
+                                       "--no-pca --out feats/",
+                                       f"torchrun --nproc_per_node 8 -m featup_adapters upsample photos/ "
+                                       "--out feats/ --no-pca"))
+    p.add_argument("images", nargs="+", metavar="INPUT",
+                   help="image files, folders (searched recursively) or @LIST (a file naming one image per line)")
     _add_model_args(p)
     _add_size(p, None, "as is")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", choices=("pt", "safetensors"), default="pt")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of the saved features (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="DataLoader worker processes reading the images (default: %(default)s; 0: none)")
+    p.add_argument("--verify", choices=("size", "hash"), default="size",
+                   help="how a rerun checks the files it skips: recorded byte size, or also their "
+                        "sha256 (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every image, also those the manifest lists as done")
     p.add_argument("--no-pca", action="store_true", help="do not write the PCA pictures")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_pictures("run_upsample"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and only the final line")
+    p.set_defaults(func=_run_extract)
 
     p = sub.add_parser("cam", help="class activation maps from low-res vs upsampled features",
                        formatter_class=_fmt(),
@@ -168,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run the adaptive-conv and JBU benchmarks",
                        formatter_class=_fmt(),
-                       description="Runs benchmarks/adaptive_conv.py and benchmarks/jbu.py (from a source "
-                                   "checkout) and prints their tables.",
+                       description="Runs the benchmark scripts adaptive_conv.py and jbu.py (shipped in the "
+                                   "package as featup_adapters/benchmarks, benchmarks/ in a clone) and "
+                                   "prints their tables.",
                        epilog=_example(f"{PROG} bench --quick", f"{PROG} bench --only jbu"))
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--only", choices=("op", "jbu"), default=None, help="run one benchmark")
@@ -177,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _mount(sub)
     return parser
+
+
+def _run_extract(args):
+    from .extract import run_upsample
+
+    return run_upsample(args)
 
 
 def _pictures(name: str):
@@ -261,8 +282,10 @@ def run_list(args) -> int:
     import torch
 
     for device in ("cpu", "cuda"):
-        note = "" if device != "cuda" or torch.cuda.is_available() else "  [no CUDA device on this machine]"
-        out.append(f"  {ops.backend(device)}{note}")
+        choice = ops.backend(device)
+        note = ("" if device != "cuda" or torch.cuda.is_available() or choice.note
+                else "  [no CUDA device on this machine]")
+        out.append(f"  {choice}{note}")
 
     out.append(f"  (torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
     print("\n".join(out))
@@ -270,11 +293,15 @@ def run_list(args) -> int:
 
 
 def _benchmarks_dir() -> Path:
-    here = Path(__file__).resolve().parent.parent / "benchmarks"
-    if not here.is_dir():
-        raise CLIError(f"the benchmarks are scripts in the source checkout ({here} not found); run "
-                       f"{PROG} bench from a clone of the repository")
-    return here
+    """The benchmark scripts: ``featup_adapters/benchmarks`` when installed (setup.py maps the
+    repository's ``benchmarks/`` there), ``benchmarks/`` next to the package in a clone."""
+    package = Path(__file__).resolve().parent
+    candidates = [package / "benchmarks", package.parent / "benchmarks"]
+    for here in candidates:
+        if (here / "adaptive_conv.py").is_file() and (here / "jbu.py").is_file():
+            return here
+    raise CLIError(f"the benchmark scripts are missing: expected adaptive_conv.py and jbu.py in "
+                   f"{' or '.join(map(str, candidates))}; reinstall featup_adapters")
 
 
 def _load_script(path: Path):

@@ -11,9 +11,9 @@ from typing import Dict
 
 from torch import Tensor, nn
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import Backbone
 
-from .backbone import GuidanceNorm
+from .backbone import GuidanceNorm, register_once
 
 __all__ = ["AdapterBottomUp", "build_featup_adapter_backbone"]
 
@@ -52,7 +52,7 @@ def _to_255(values):
     return [v * 255.0 for v in values] if max(abs(v) for v in values) <= 1.0 else values
 
 
-@BACKBONE_REGISTRY.register()
+@register_once
 def build_featup_adapter_backbone(cfg, input_shape: ShapeSpec) -> AdapterBottomUp:
     """Build ``AdapterBottomUp`` from ``cfg.MODEL.FEATUP.ADAPTER`` (random init unless the spec says otherwise)."""
     import featup_adapters

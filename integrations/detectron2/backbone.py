@@ -173,16 +173,25 @@ class FeatUpBackbone(Backbone):
         return out
 
 
+def register_once(fn):
+    """``BACKBONE_REGISTRY.register()`` that tolerates a second import of this package under its
+    other name (``integrations.detectron2`` from the clone's root, ``featup_adapters.integrations.
+    detectron2`` when installed): the builder registered first is kept."""
+    if fn.__name__ not in BACKBONE_REGISTRY:
+        BACKBONE_REGISTRY.register(fn)
+    return fn
+
+
 def _freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
 
 
-@BACKBONE_REGISTRY.register()
+@register_once
 def build_featup_backbone(cfg, input_shape: ShapeSpec) -> FeatUpBackbone:
     """Build ``FeatUpBackbone`` from ``cfg.MODEL.FEATUP`` (see ``add_featup_config``)."""
     if "FEATUP" not in cfg.MODEL:
-        raise KeyError("cfg.MODEL.FEATUP is missing: call integrations.detectron2.add_featup_config(cfg) "
+        raise KeyError("cfg.MODEL.FEATUP is missing: call featup_adapters.integrations.detectron2.add_featup_config(cfg) "
                        "before merging a FeatUp config")
     fc = cfg.MODEL.FEATUP
     if fc.BOTTOM_UP == "build_featup_backbone":

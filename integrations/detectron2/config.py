@@ -1,8 +1,11 @@
 """Config keys of the FeatUp neck for detectron2: ``add_featup_config(cfg)``.
 
     from detectron2.config import get_cfg
-    from integrations.detectron2 import add_featup_config
-    cfg = get_cfg(); add_featup_config(cfg); cfg.merge_from_file("integrations/detectron2/configs/...")
+    from featup_adapters.integrations.detectron2 import add_featup_config, config_file
+    cfg = get_cfg(); add_featup_config(cfg); cfg.merge_from_file(config_file("semantic_R_50_FeatUp_JBU_1x.yaml"))
+
+(from the clone, ``integrations.detectron2`` is the same package and the configs are also in
+``integrations/detectron2/configs/``.)
 """
 from __future__ import annotations
 
@@ -63,3 +66,14 @@ def add_featup_config(cfg: CN) -> CN:
     # Name of the single feature map this bottom-up backbone returns.
     _C.MODEL.FEATUP.ADAPTER.OUT_FEATURE = "last"
     return cfg
+
+
+def config_file(name: str) -> str:
+    """Path of a shipped config (``configs/NAME``), from the clone or the installed package."""
+    import os
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"expected one of {sorted(os.listdir(folder))} in {folder}, got {name!r}")
+    return path

@@ -19,10 +19,20 @@ import os
 import sys
 
 if __name__ == "__main__" and __package__ in (None, ""):
-    # run as a script: make `integrations.detectron2` importable and keep this folder off sys.path
+    # Run as a script: keep this folder off sys.path.  An installed featup_adapters (regular or
+    # editable) brings this package as featup_adapters.integrations.detectron2 and its compiled
+    # extension; only without one is the clone's root put on sys.path (its featup_adapters is the
+    # source tree, whose extension exists only after `python setup.py build_ext --inplace`).
+    import importlib.util
+
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(os.path.dirname(_here)))
+    try:
+        _installed = importlib.util.find_spec("featup_adapters.integrations.detectron2") is not None
+    except ImportError:
+        _installed = False
+    if not _installed:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(_here)))
 
 import detectron2.data.transforms as T  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
@@ -33,7 +43,10 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator  # noqa: E402
 from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler  # noqa: E402
 
-from integrations.detectron2 import add_featup_config  # noqa: E402
+try:  # noqa: E402
+    from featup_adapters.integrations.detectron2 import add_featup_config
+except ImportError:  # the clone without an install: its root is on sys.path (above)
+    from integrations.detectron2 import add_featup_config
 
 
 def build_sem_seg_train_aug(cfg) -> list:
