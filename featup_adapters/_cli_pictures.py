@@ -1,4 +1,4 @@
-"""The picture commands of ``featup-adapters``: ``demo``, ``upsample``, ``cam`` (see cli.py).
+"""The picture commands of ``featup-adapters``: ``demo``, ``cam`` (see cli.py; ``upsample`` is in extract.py).
 
 Each ``run_*(args) -> int`` prints what it did and where it wrote it; failures raise exceptions
 with a one-line message, which ``cli.main`` turns into one line on stderr.
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,11 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from . import viz
-from ._io import atomic_torch_save, atomic_write_bytes
 from ._cli_base import PROG, CLIError
 from .images import check_min_size, default_image, read_rgb, resize_rgb, to_tensor
 
-__all__ = ["run_demo", "run_upsample", "run_cam"]
+__all__ = ["run_demo", "run_cam"]
 
 
 @contextmanager
@@ -152,84 +150,6 @@ def run_demo(args) -> int:
     print(f"  image: {image_label}")
     _print_timings(timings)
     print(f"wrote {out} ({picture.width}x{picture.height})")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# upsample
-# --------------------------------------------------------------------------------------------
-
-def _output_stems(paths) -> list[str]:
-    seen: dict[str, int] = {}
-    stems = []
-    for p in paths:
-        stem = Path(p).stem
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        stems.append(stem if n == 0 else f"{stem}_{n}")
-    return stems
-
-
-def _save_features(path: Path, feats, fmt: str, metadata: dict) -> None:
-    if fmt == "pt":
-        atomic_torch_save(feats, path)
-    else:
-        from safetensors.torch import save
-
-        atomic_write_bytes(path, save({"features": feats.contiguous()}, metadata=metadata))
-
-
-def run_upsample(args) -> int:
-    from tqdm import tqdm
-
-
-    if args.batch_size < 1:
-        raise CLIError(f"expected --batch-size >= 1, got {args.batch_size}")
-    for path in args.images:  # fail fast, before any model is built
-        read_rgb(path)
-    device = _device(args)
-    model = _backbone(args)
-    neck, label = _neck(args, model, device)
-    print(f"{PROG} upsample: {_describe(neck)}; upsampler {label}")
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"--out must be a folder, got an existing file: {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = getattr(torch, args.dtype)
-    # group images of one size into batches, keeping the order of the command line
-    loaded = []
-    for path, stem in zip(args.images, _output_stems(args.images)):
-        x, rgb, _ = _load_one(path, neck, args.size)
-        loaded.append((path, stem, x, rgb))
-    groups: "OrderedDict[tuple, list]" = OrderedDict()
-    for item in loaded:
-        groups.setdefault(tuple(item[2].shape[-2:]), []).append(item)
-    batches = [items[i:i + args.batch_size] for items in groups.values()
-               for i in range(0, len(items), args.batch_size)]
-    meta = {"backbone": args.backbone, "backbone_id": str(neck.backbone_id), "layer": neck.layer,
-            "upsampler": label}
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(loaded), desc="upsampling", unit="img", disable=args.no_progress, file=sys.stderr)
-    written = []
-    with torch.inference_mode():
-        for batch in batches:
-            x = torch.cat([item[2] for item in batch]).to(device)
-            hr, lr = neck(x, return_lowres=True)
-            for i, (path, stem, _, rgb) in enumerate(batch):
-                feats = hr[i].to("cpu", dtype)
-                target = out_dir / f"{stem}.{args.format}"
-                _save_features(target, feats, args.format, {**meta, "image": str(path)})
-                written.append((target, list(feats.shape)))
-                if not args.no_pca:
-                    lr_rgb, hr_rgb = viz.pca_rgb(lr[i], hr[i], fit_on=0)
-                    viz.panel([rgb, lr_rgb, hr_rgb], [f"image {rgb.shape[0]}x{rgb.shape[1]}",
-                                                      f"low-res {_size_text(lr)}", f"{label} {_size_text(hr)}"],
-                              path=out_dir / f"{stem}_pca.png")
-            bar.update(len(batch))
-    bar.close()
-    for target, shape in written:
-        print(f"  {target}  {shape}")
-    print(f"wrote {len(written)} feature file(s) to {out_dir} in {time.perf_counter() - t0:.2f} s")
     return 0
 
 

