@@ -247,7 +247,8 @@ def load_saved(directory, classes: Mapping[str, type], *, map_location="cpu",
         raise CheckpointError(f"{directory / CONFIG_NAME}: unknown upsampler class "
                               f"{config['class']!r} (known: {sorted(classes)})")
     if expect is not None and not issubclass(cls, expect):
-        raise CheckpointError(f"{directory} holds a {config['class']}, not a {expect.__name__}; "
+        raise CheckpointError(f"{directory} holds a {config['class']}, not an instance of "
+                              f"{expect.__name__}; "
                               f"load it with featup_adapters.hub.load_upsampler or "
                               f"{config['class']}.from_pretrained")
     state = read_weights(directory, config)

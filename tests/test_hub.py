@@ -72,9 +72,16 @@ def test_overwrite_is_atomic_and_tampering_is_detected(tmp_path):
         hub.load_upsampler(d)
 
 
-def test_loading_rejects_unknown_things(tmp_path):
+def test_loading_rejects_unknown_things(tmp_path, monkeypatch):
+    try:                                      # a repo-id-like name is also looked up on the Hub:
+        import huggingface_hub.constants      # offline here, so only the (empty) cache is read
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    except ImportError:
+        pass
     with pytest.raises(CheckpointError, match=r"unknown upsampler 'nope/nothing': not a registered "
-                                              r"name \(registered: .*featup/dino16"):
+                                              r"name \(registered: .*featup/dino16.*not a URL, "
+                                              r"not a Hugging Face Hub model"):
         hub.load_upsampler("nope/nothing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="has no config.json"):

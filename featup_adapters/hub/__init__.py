@@ -6,14 +6,14 @@
   ``JBUStack``; ``safe_torch_load`` is the weights-only loader for every torch file the hub reads.
 * ``registry``: ``PRETRAINED`` (FeatUp's released upsamplers), ``register_upsampler``,
   ``pretrained_for``, ``list_upsamplers``; the upsamplers shipped in ``featup_adapters/weights/``.
-* ``download``: URLs into torch.hub's cache.
+* ``download``: URLs into torch.hub's cache; ``hf_snapshot``: Hugging Face Hub repos into its cache.
 * ``loading``: ``load_upsampler(dir_or_name)`` for all of the above, ``check_compatible``.
 
 Every loader returns the module in eval mode.
 """
 from __future__ import annotations
 
-from .download import download, is_url
+from .download import download, hf_snapshot, is_url
 from .featup import IgnoredObject, load_featup_checkpoint, safe_torch_load
 from .format import (CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError,
                      check_state_dict, read_config, save_upsampler)
@@ -31,5 +31,5 @@ __all__ = ["save_upsampler", "load_upsampler", "load_saved_upsampler", "load_fea
            "safe_torch_load", "check_compatible", "register_upsampler", "unregister_upsampler",
            "pretrained_for", "list_upsamplers", "PRETRAINED", "PretrainedUpsampler",
            "CheckpointError", "IncompatibleUpsamplerError", "normalize_backbone_id", "FEATUP_URL",
-           "download", "read_config", "check_state_dict", "IgnoredObject", "FORMAT",
+           "download", "hf_snapshot", "read_config", "check_state_dict", "IgnoredObject", "FORMAT",
            "FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "WEIGHTS_DIR"]

@@ -1,7 +1,9 @@
-"""Downloads: URLs into torch.hub's checkpoint cache.
+"""Downloads: URLs into torch.hub's checkpoint cache, Hugging Face Hub repos into its cache.
 
 ``download(url)`` fetches a file once into ``torch.hub.get_dir()/checkpoints`` and returns the
-cached path; ``is_url`` tells a URL from a path or a registered name.
+cached path; ``is_url`` tells a URL from a path or a registered name.  ``hf_snapshot(repo_id)``
+(implemented in ``featup_adapters._hf``) returns the local folder of a saved upsampler on the
+Hugging Face Hub.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from pathlib import Path
 import torch
 
 from .._format import CheckpointError
+from .._hf import looks_like_repo_id
+from .._hf import snapshot as hf_snapshot
 
-__all__ = ["download", "is_url"]
+__all__ = ["download", "is_url", "hf_snapshot", "looks_like_repo_id"]
 
 _SCHEMES = ("http", "https", "file", "ftp")
 

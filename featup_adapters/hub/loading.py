@@ -2,7 +2,8 @@
 
 A name is looked up in the registry first, then as a baseline name, a URL, a local path (saved
 directory, its config.json / model.safetensors, or a FeatUp checkpoint file), and last as a Hugging
-Face Hub repo id.
+Face Hub repo id (``"user/repo"``: fetched into the Hugging Face cache, or read from it when
+``HF_HUB_OFFLINE=1``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .. import _hf
 from .._format import CONFIG_NAME, CheckpointError, as_directory, load_saved
 from ..upsamplers import UPSAMPLER_CLASSES, make_upsampler
 from .featup import load_featup_checkpoint
@@ -34,7 +36,8 @@ def load_saved_upsampler(directory, *, map_location="cpu") -> nn.Module:
 def load_upsampler(dir_or_name, *, map_location="cpu", progress: bool = True) -> nn.Module:
     """Load an upsampler, in eval mode (as Hugging Face's ``from_pretrained`` does), from a
     registered name, a ``save_pretrained`` directory, a FeatUp checkpoint file or URL, a baseline
-    name ("bilinear", "bicubic", "nearest"), or a Hugging Face Hub repo id.
+    name ("bilinear", "bicubic", "nearest"), or a Hugging Face Hub repo id (``"user/repo"``: fetched into the Hugging Face cache, or read from it when
+``HF_HUB_OFFLINE=1``).
 
     Names are looked up first, then paths.  The module's ``config`` dict holds the saved
     metadata (class, dims, stages, backbone_id, layer, use_norm, library_version, ...).
@@ -67,10 +70,16 @@ def _load_source(src: str, map_location, progress: bool, file_name: str | None =
         if path.name == CONFIG_NAME or path.suffix == ".safetensors":
             return load_saved_upsampler(path.parent, map_location=map_location)
         return load_featup_checkpoint(path, map_location=map_location)
+    hub_note = ""
+    if _hf.looks_like_repo_id(src):
+        try:
+            return load_saved_upsampler(_hf.snapshot(src), map_location=map_location)
+        except _hf.NotOnHub as exc:
+            hub_note = f", not a Hugging Face Hub model ({exc})"
     known = ", ".join(sorted(_REGISTRY)) or "none"
     raise CheckpointError(f"unknown upsampler {src!r}: not a registered name (registered: "
                           f"{known}; baselines: {', '.join(BASELINE_NAMES)}), not an existing "
-                          f"file or directory, not a URL")
+                          f"file or directory, not a URL{hub_note}")
 
 
 def _load_entry(entry: PretrainedUpsampler, map_location, progress: bool) -> nn.Module:

@@ -1,39 +1,18 @@
 """What every upsampler shares: input checks, output-size parsing, ``save_pretrained`` and the class
 registry that lets ``featup_adapters.hub.load_upsampler`` rebuild a saved module from its config.
 
-The file format itself lives in ``featup_adapters._format`` (below both this package and ``hub``).
+Saving and loading (``save_pretrained``, ``from_pretrained``, ``push_to_hub``) and the class registry
+live in ``_pretrained``; the file format in ``featup_adapters._format`` (below this package and ``hub``).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .. import _format
-
-# class name -> class; filled by @register_upsampler_class, read by hub.load_upsampler
-UPSAMPLER_CLASSES: dict[str, type] = {}
-
-
-def register_upsampler_class(cls: type) -> type:
-    """Class decorator: makes ``cls`` loadable by name from a saved ``config.json``.
-
-    The class must implement ``init_kwargs() -> dict`` (JSON-serializable constructor kwargs).
-    """
-    UPSAMPLER_CLASSES[cls.__name__] = cls
-    return cls
-
-
-def check_registered(module) -> None:
-    """Raise TypeError unless ``module``'s class is a registered upsampler class (one that a saved
-    config can name)."""
-    cls = type(module).__name__
-    if UPSAMPLER_CLASSES.get(cls) is not type(module) or not hasattr(module, "init_kwargs"):
-        raise TypeError(f"save_pretrained: {cls} is not a registered upsampler class "
-                        f"(known: {sorted(UPSAMPLER_CLASSES)}); decorate it with "
-                        f"featup_adapters.upsamplers.register_upsampler_class")
+from ._pretrained import (UPSAMPLER_CLASSES, PretrainedMixin, check_registered,
+                          register_upsampler_class)
 
 
 def _shape(t: Tensor) -> str:
@@ -106,8 +85,9 @@ def check_upsampler_inputs(source: Tensor, guidance: Tensor | None, output_size,
     return H, W
 
 
-class UpsamplerMixin:
-    """Adds ``save_pretrained`` and a ``config`` dict (metadata of the saved/loaded weights).
+class UpsamplerMixin(PretrainedMixin):
+    """Adds ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (see ``_pretrained``) and a
+    ``config`` dict (metadata of the saved/loaded weights).
 
     Subclasses implement ``init_kwargs()``: the constructor arguments that rebuild them.
     """
@@ -116,19 +96,3 @@ class UpsamplerMixin:
 
     def init_kwargs(self) -> dict:  # pragma: no cover - every concrete class overrides it
         raise NotImplementedError
-
-    def save_pretrained(self, directory, *, backbone_id: str | None = None,
-                        layer: str | None = None, use_norm: bool | None = None,
-                        extra: dict | None = None) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created if needed).
-
-        Each file is written to a temporary name and renamed into place, weights first; the config
-        records the weights' SHA-256, so a half-finished overwrite is detected on load.
-        ``backbone_id``, ``layer`` and ``use_norm`` default to the values in ``self.config`` (e.g.
-        those of a loaded FeatUp checkpoint), else None/None/False. ``extra`` must be JSON-able.
-        Read back with ``featup_adapters.hub.load_upsampler(directory)``.
-        """
-        check_registered(self)
-        config = _format.build_config(self, backbone_id=backbone_id, layer=layer,
-                                      use_norm=use_norm, extra=extra)
-        return _format.write_saved(self, directory, config)
