@@ -8,6 +8,8 @@ against FeatUp's computation (the oracle of test_featup_checkpoint).
 """
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -228,3 +230,24 @@ def test_efficientnet_lite0_entry():
     torch.testing.assert_close(out, want)
     with pytest.raises(ValueError, match="shipped upsampler was trained"):
         _load("efficientnet_lite0", use_norm=not bool(shipped.config.get("use_norm")))
+
+
+@pytest.mark.parametrize("same_version", [True, False])
+def test_hubconf_prefers_an_installed_copy_of_its_version(tmp_path, same_version):
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "featup_adapters", site / "featup_adapters",
+                    ignore=shutil.ignore_patterns("__pycache__", "csrc", "weights", "*.so"))
+    if not same_version:
+        (site / "featup_adapters" / "_version.py").write_text('__version__ = "0.0.1"\n')
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})          # as torch.hub.load puts the repo first
+        import hubconf
+        print(hubconf._package().__file__)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    used = Path(r.stdout.strip().splitlines()[-1])
+    assert used.is_relative_to(site if same_version else ROOT), used
