@@ -8,6 +8,8 @@
   ``pretrained_for``, ``list_upsamplers``; the upsamplers shipped in ``featup_adapters/weights/``.
 * ``download``: URLs into torch.hub's cache; ``hf_snapshot``: Hugging Face Hub repos into its cache.
 * ``loading``: ``load_upsampler(dir_or_name)`` for all of the above, ``check_compatible``.
+* ``torch_hub``: the models behind ``hubconf.py`` (FeatUp's torch.hub entries); imported by
+  ``hubconf.py`` only, not here, since it builds on ``neck`` and ``adapters``.
 
 Every loader returns the module in eval mode.
 """
