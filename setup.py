@@ -11,11 +11,13 @@ because the C++/CUDA extension needs torch's build helpers.
 * A missing or broken compiler never fails the install: the package then runs on its pure
   PyTorch reference implementation and ``featup_adapters.ops.backend()`` says why.
   ``FEATUP_REQUIRE_EXT=1`` makes a failed build an error.
-* A build that compiles the extension pins ``torch==<the torch it was compiled against>`` (the
-  public version: ``2.14.1`` for ``2.14.1+cu130``, which PEP 440 matches with every local variant
-  of that release) and records that torch in ``featup_adapters/_build_info.py``; the loader
-  refuses a binary built for another torch and says how to rebuild.  It prints one summary line:
-  the CPU kernel ISAs and the CUDA architectures built (or why not).
+* A build with the extension enabled (torch importable, no ``FEATUP_SKIP_EXT``) pins
+  ``torch==<the torch it compiles against>`` (the public version: ``2.14.1`` for
+  ``2.14.1+cu130``, which PEP 440 matches with every local variant of that release, so the PyPI
+  and the PyTorch-index builds both satisfy it) and records the full version in
+  ``featup_adapters/_build_info.py``; the loader refuses a binary built for another torch release
+  and says how to rebuild.  It prints one summary line: the CPU kernel ISAs and the CUDA
+  architectures built (or why not).
 * The repository's ``integrations/`` and ``benchmarks/`` folders are installed as
   ``featup_adapters.integrations`` and ``featup_adapters.benchmarks`` (``package_dir``).
 """
@@ -199,8 +201,8 @@ def _extensions():
             except Exception as exc:  # compiler missing, toolchain broken, ...
                 if os.environ.get("FEATUP_REQUIRE_EXT") == "1":
                     raise
-                # no binary: nothing ties the package to one torch release any more
-                self.distribution.install_requires = REQUIRES + [TORCH_FLOOR]
+                # The metadata (with the torch pin) is written before build_ext runs, so the pin
+                # stays: it names the torch present at build time, which this install has.
                 _log(f"building the extension failed ({type(exc).__name__}: {exc}); installing "
                      "without it. featup_adapters will run the pure PyTorch reference op. "
                      "Set FEATUP_REQUIRE_EXT=1 to make this an error.")
