@@ -29,12 +29,14 @@ _MOUNTED = (
     ("featup_adapters.training.cli", "add_fit_implicit_parser"),
     ("featup_adapters.tasks.cli", "add_finetune_seg_parser"),
     ("featup_adapters.tasks.cli", "add_probe_parser"),
+    ("featup_adapters.tasks.upsampler_eval", "add_eval_parser"),
 )
 _MOUNTED_EXAMPLES = {
     "train": f"{PROG} train --backbone timm:resnet18 --data photos/ --steps 2000 --out runs/r18",
     "fit-implicit": f"{PROG} fit-implicit cat.jpg --backbone efficientnet_lite0 --out feats.pt --steps 300",
     "finetune-seg": f"{PROG} finetune-seg --data mosaic --steps 200 --out runs/seg",
     "probe": f"{PROG} probe --data mosaic --methods lowres,bilinear,jbu",
+    "eval": f"{PROG} eval --backbone efficientnet_lite0 --upsampler auto --data photos/val --json eval.json",
 }
 
 

@@ -65,3 +65,54 @@ class SegMeter:
 
     def compute(self) -> Dict[str, object]:
         return scores_from_confusion(self.conf)
+
+
+def label_boundaries(labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """``BoolTensor[B, H, W]``: pixels whose right or lower neighbour has another label (pixels
+    next to ``ignore_index`` are not boundaries). ``labels``: ``LongTensor[B, H, W]``."""
+    b = torch.zeros_like(labels, dtype=torch.bool)
+    valid = labels != ignore_index
+    dx = (labels[:, :, 1:] != labels[:, :, :-1]) & valid[:, :, 1:] & valid[:, :, :-1]
+    dy = (labels[:, 1:, :] != labels[:, :-1, :]) & valid[:, 1:, :] & valid[:, :-1, :]
+    b[:, :, :-1] |= dx
+    b[:, :-1, :] |= dy
+    return b
+
+
+class BoundaryMeter:
+    """Boundary F-score with a tolerance: a predicted boundary pixel is correct if a true boundary
+    lies within ``tolerance`` pixels (Chebyshev distance), and a true one is found if a predicted one
+    does.  ``update(pred, target)`` with ``LongTensor[B, H, W]`` (or logits ``[B, K, H, W]``);
+    ``compute() -> {"boundary_f", "boundary_precision", "boundary_recall"}``."""
+
+    def __init__(self, tolerance: int = 2, ignore_index: int = 255):
+        if tolerance < 0:
+            raise ValueError(f"expected tolerance >= 0, got {tolerance}")
+        self.tolerance, self.ignore_index = int(tolerance), int(ignore_index)
+        self.matched_pred = self.n_pred = self.matched_true = self.n_true = 0
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        import torch.nn.functional as F
+
+        if pred.dim() == target.dim() + 1:
+            pred = pred.argmax(1)
+        if pred.shape != target.shape or target.dim() != 3:
+            raise ValueError(f"expected pred and target of shape [B, H, W], got {list(pred.shape)} and "
+                             f"{list(target.shape)}")
+        pred = torch.where(target == self.ignore_index, torch.full_like(pred, self.ignore_index), pred)
+        bp, bt = label_boundaries(pred, self.ignore_index), label_boundaries(target, self.ignore_index)
+        k = 2 * self.tolerance + 1
+
+        def dilate(b):
+            return F.max_pool2d(b[:, None].float(), k, 1, self.tolerance)[:, 0] > 0
+
+        self.matched_pred += int((bp & dilate(bt)).sum())
+        self.n_pred += int(bp.sum())
+        self.matched_true += int((bt & dilate(bp)).sum())
+        self.n_true += int(bt.sum())
+
+    def compute(self) -> Dict[str, float]:
+        p = self.matched_pred / self.n_pred if self.n_pred else 0.0
+        r = self.matched_true / self.n_true if self.n_true else float("nan")
+        f = 2 * p * r / (p + r) if (p + r) > 0 else 0.0
+        return {"boundary_f": f, "boundary_precision": p, "boundary_recall": r}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .metrics import SegMeter
+from .metrics import BoundaryMeter, SegMeter
 from .seg_data import IGNORE_INDEX
 
 __all__ = ["linear_probe", "METHODS"]
@@ -64,7 +64,7 @@ def linear_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data:
                  layer: Optional[str] = None, steps: int = 300, batch_size: int = 8, lr: float = 1e-2,
                  device: Union[str, torch.device] = "cpu", seed: int = 0, progress: bool = False,
                  ignore_index: int = IGNORE_INDEX, pretrained: Union[None, bool, str] = None,
-                 cache_bytes: int = 2 << 30) -> Dict[str, dict]:
+                 cache_bytes: int = 2 << 30, boundary_tolerance: int = 2) -> Dict[str, dict]:
     """Train a 1x1 conv on frozen upsampled features for each method; return metrics per method.
 
     Args:
@@ -73,8 +73,11 @@ def linear_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data:
             registered name, or a module; None drops "jbu" from ``methods``.
         methods: subset of ("lowres", "bilinear", "jbu").
         cache_bytes: keep the upsampled features in memory (computed once per method) when they fit.
+        boundary_tolerance: pixels (at label resolution) within which a predicted label edge counts
+            as on a true one, for ``metrics.BoundaryMeter``.
     Returns:
-        ``{method: {"miou", "pixel_acc", "iou", "seconds"}}`` on ``val_data`` at label resolution.
+        ``{method: {"miou", "pixel_acc", "iou", "boundary_f", "boundary_precision",
+        "boundary_recall", "seconds"}}`` on ``val_data`` at label resolution.
     """
     import featup_adapters
     from featup_adapters.adapters import create_backbone
@@ -133,11 +136,14 @@ def linear_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data:
                 loss += li.item()
             opt.step()
         meter = SegMeter(num_classes, ignore_index)
+        edges = BoundaryMeter(boundary_tolerance, ignore_index)
         with torch.no_grad():
             for i, sample in enumerate(val):
                 mask = sample[2]
                 feats = feats_of(sample, store, ("val", i))
-                meter.update(head(feats).argmax(1).cpu(), mask[None])
-        results[method] = {**meter.compute(), "seconds": time.perf_counter() - t0}
+                pred = head(feats).argmax(1).cpu()
+                meter.update(pred, mask[None])
+                edges.update(pred, mask[None])
+        results[method] = {**meter.compute(), **edges.compute(), "seconds": time.perf_counter() - t0}
     neck.remove()
     return results

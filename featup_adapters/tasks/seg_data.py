@@ -203,18 +203,32 @@ class TextureMosaic(Dataset):
         regions: ``(min, max)`` Voronoi cells per image.
         scale: ``(min, max)`` zoom applied to a texture crop (larger = coarser texture).
         seed: base seed.
+        textures: other sources than ``TEXTURE_SOURCES``: a list of ``Tensor[3, h, w]`` in [0, 1],
+            class ``k`` = ``textures[k]`` (``num_classes`` at most their count).
+        class_names: names of those classes.
     Items: ``(Tensor[3, H, W] in [0, 1], LongTensor[H, W])``.
     """
 
     def __init__(self, length: int = 64, size: Tuple[int, int] = (64, 64), num_classes: int = 8,
-                 regions: Tuple[int, int] = (3, 6), scale: Tuple[float, float] = (0.5, 1.0), seed: int = 0):
-        if not 2 <= num_classes <= len(TEXTURE_SOURCES):
-            raise ValueError(f"expected num_classes in [2, {len(TEXTURE_SOURCES)}], got {num_classes}")
+                 regions: Tuple[int, int] = (3, 6), scale: Tuple[float, float] = (0.5, 1.0), seed: int = 0,
+                 textures: Optional[Sequence[Tensor]] = None, class_names: Optional[Sequence[str]] = None):
+        n_sources = len(TEXTURE_SOURCES) if textures is None else len(textures)
+        if not 2 <= num_classes <= n_sources:
+            raise ValueError(f"expected num_classes in [2, {n_sources}], got {num_classes}")
+        if textures is not None and any(t.dim() != 3 or t.shape[0] != 3 for t in textures):
+            raise ValueError(f"expected textures of shape [3, h, w], got "
+                             f"{[list(t.shape) for t in textures if t.dim() != 3 or t.shape[0] != 3][:3]}")
         if regions[0] < 1 or regions[1] < regions[0]:
             raise ValueError(f"expected regions = (min >= 1, max >= min), got {regions}")
         self.length, self.size, self.num_classes = int(length), tuple(size), int(num_classes)
         self.regions, self.scale, self.seed = tuple(regions), tuple(scale), int(seed)
-        self.class_names = [name for name, _ in TEXTURE_SOURCES[:num_classes]]
+        self._own_textures = list(textures) if textures is not None else None
+        if class_names is not None:
+            self.class_names = list(class_names)[:num_classes]
+        elif textures is not None:
+            self.class_names = [f"texture_{k}" for k in range(num_classes)]
+        else:
+            self.class_names = [name for name, _ in TEXTURE_SOURCES[:num_classes]]
 
     def __len__(self) -> int:
         return self.length
@@ -231,7 +245,7 @@ class TextureMosaic(Dataset):
         cell = d.argmin(0)                                              # [H, W] region index
         classes = torch.randint(0, self.num_classes, (n,), generator=g)
         image = torch.empty(3, H, W)
-        textures = _textures()
+        textures = self._own_textures if self._own_textures is not None else _textures()
         for r in range(n):
             tex = textures[int(classes[r])]
             s = self.scale[0] + float(torch.rand(1, generator=g)) * (self.scale[1] - self.scale[0])
