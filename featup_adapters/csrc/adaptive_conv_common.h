@@ -14,6 +14,10 @@
 
 namespace featup_adapters {
 
+// Largest filter size k (odd k from 1 to kMaxFilterSize): the argument checks (checks.h) and the
+// CUDA kernels' per-k instantiations (cuda/adaptive_conv_kernels.cuh) both use this constant.
+constexpr int64_t kMaxFilterSize = 15;
+
 // Sizes of one problem. Input is [B, C, Hp, Wp] with Hp = H + k - 1, Wp = W + k - 1.
 struct ConvShape {
   int64_t B, C, H, W, k;

@@ -5,6 +5,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "adaptive_conv_common.h"
+
 namespace featup_adapters {
 
 inline void check_forward_args(const at::Tensor& input, const at::Tensor& filters) {
@@ -19,7 +21,8 @@ inline void check_forward_args(const at::Tensor& input, const at::Tensor& filter
   const auto k = filters.size(3);
   TORCH_CHECK(filters.size(4) == k, "adaptive_conv: expected square filters [B, H, W, k, k], got ", k, "x",
               filters.size(4), " filters (shape ", filters.sizes(), ")");
-  TORCH_CHECK(k % 2 == 1 && k <= 15, "adaptive_conv: expected an odd filter size k <= 15, got k=", k);
+  TORCH_CHECK(k % 2 == 1 && k <= kMaxFilterSize, "adaptive_conv: expected an odd filter size k <= ", kMaxFilterSize,
+              ", got k=", k);
   TORCH_CHECK(input.size(0) == filters.size(0), "adaptive_conv: batch mismatch, input has B=", input.size(0),
               " but filters have B=", filters.size(0));
   TORCH_CHECK(input.size(2) == filters.size(1) + k - 1 && input.size(3) == filters.size(2) + k - 1,
@@ -34,8 +37,8 @@ inline void check_grad_input_args(const at::Tensor& grad_out, const at::Tensor& 
               "adaptive_conv_grad_input: grad_out and filters must share dtype and device, got ", grad_out.scalar_type(), " on ",
               grad_out.device(), " and ", filters.scalar_type(), " on ", filters.device());
   const auto k = filters.size(3);
-  TORCH_CHECK(filters.size(4) == k && k % 2 == 1 && k <= 15, "adaptive_conv_grad_input: expected odd square filters, got ",
-              filters.sizes());
+  TORCH_CHECK(filters.size(4) == k && k % 2 == 1 && k <= kMaxFilterSize, "adaptive_conv_grad_input: expected odd square "
+              "filters with k <= ", kMaxFilterSize, ", got ", filters.sizes());
   TORCH_CHECK(filters.size(0) == grad_out.size(0) && filters.size(1) == grad_out.size(2) && filters.size(2) == grad_out.size(3),
               "adaptive_conv_grad_input: filters ", filters.sizes(), " do not match grad_out ", grad_out.sizes());
 }
@@ -47,10 +50,10 @@ inline void check_grad_filters_args(const at::Tensor& grad_out, const at::Tensor
               "adaptive_conv_grad_filters: grad_out and input must share dtype and device, got ", grad_out.scalar_type(), " on ",
               grad_out.device(), " and ", input.scalar_type(), " on ", input.device());
   const auto k = input.size(2) - grad_out.size(2) + 1;
-  TORCH_CHECK(input.size(0) == grad_out.size(0) && input.size(1) == grad_out.size(1) && k >= 1 && k % 2 == 1 && k <= 15 &&
+  TORCH_CHECK(input.size(0) == grad_out.size(0) && input.size(1) == grad_out.size(1) && k >= 1 && k % 2 == 1 && k <= kMaxFilterSize &&
               input.size(3) - grad_out.size(3) + 1 == k,
               "adaptive_conv_grad_filters: input ", input.sizes(), " is not grad_out ", grad_out.sizes(),
-              " padded by an odd k-1 (k <= 15) in both spatial dims");
+              " padded by an odd k-1 (k <= ", kMaxFilterSize, ") in both spatial dims");
 }
 
 }  // namespace featup_adapters
