@@ -72,11 +72,21 @@ def range_logits(q: Tensor, radius: int) -> Tensor:
     its reflect-padded ``k x k`` neighbourhood (row offset first, like ``nn.Unfold``), computed in
     float32 (float64 stays float64)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q = q.to(acc)
-    B, K, H, W = q.shape
-    q_pad = pad2d(q, radius)
+    return range_logits_padded(pad2d(q.to(acc), radius), radius)
+
+
+def range_logits_padded(q_pad: Tensor, radius: int) -> Tensor:
+    """``range_logits`` from keys that are already padded: ``Tensor[B, K, H + 2r, W + 2r]`` ->
+    ``Tensor[B, H, W, k*k]``, the centre being ``q_pad[..., r:-r, r:-r]``.  A row band of a larger
+    map passes its real neighbour rows as the padding (the tiled path)."""
+    acc = torch.float64 if q_pad.dtype == torch.float64 else torch.float32
+    q_pad = q_pad.to(acc)
+    B, K, hp, wp = q_pad.shape
+    H, W = hp - 2 * radius, wp - 2 * radius
     k = 2 * radius + 1
-    if _native(q.device):
-        out = torch.ops.featup_adapters.adaptive_conv_grad_filters(q.contiguous(), q_pad.contiguous())
+    if _native(q_pad.device):
+        q = q_pad[:, :, radius:radius + H, radius:radius + W]
+        out = torch.ops.featup_adapters.adaptive_conv_grad_filters(q.contiguous(),
+                                                                   q_pad.contiguous())
         return out.reshape(B, H, W, k * k)
     return _RangeLogits.apply(q_pad, radius, (H, W)).permute(0, 2, 3, 1)

@@ -19,11 +19,13 @@ Differences from FeatUp; none changes a result at 16x beyond float rounding:
   (``_range.range_logits``: the compiled ``adaptive_conv_grad_filters`` op, or a loop over the
   taps), the kernel is built channels-last (the layout ``adaptive_conv`` takes), and on CPU the
   bicubic resize and the reflect padding are two matrix products (``_resize.bicubic_pad``).
-* The stack's final 1x1 fixup runs before the last stage instead of after it:
-  ``x + 0.1 (W x + b)`` with ``x = A(s)`` equals ``A(s + 0.1 W s) + 0.1 b`` for any operator ``A``
-  that is linear and acts on every channel alike, as bicubic resizing, padding and the adaptive
-  convolution do (so does Dropout2d's per-channel mask).  The C x C convolution then runs at a
-  quarter of the pixels.  Hooks on ``fixup_proj`` (or a replaced ``fixup_proj``) disable this.
+* The stack's final 1x1 fixup runs on the source map (14x14 at 224 output) instead of the output:
+  ``x + 0.1 (W x + b)`` with ``x = A(s)`` equals ``A(s + 0.1 W s) + 0.1 b`` for the whole stack
+  ``A``, which is linear in its source and acts on every channel alike (the kernels depend on the
+  guidance only; so does Dropout2d's per-channel mask).  Hooks on ``fixup_proj`` (or a replaced
+  ``fixup_proj``) keep FeatUp's order.
+* The kernel is built without needless full-size temporaries (``_kernel``), and without autograd
+  large outputs are computed in row bands under a memory budget (``_tiling``).
 * Maps whose side is at most the radius are padded by replication (reflection is undefined).
 """
 from __future__ import annotations
@@ -33,9 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import adaptive_conv
+from . import _tiling
 from ._base import UpsamplerMixin, check_4d, check_upsampler_inputs, register_upsampler_class
-from ._range import range_logits
-from ._resize import bicubic_pad
+from ._kernel import normalized_kernel, fixup_kernel, spatial_dist2
+from ._range import range_logits_padded
+from ._resize import bicubic_pad, pad2d
 
 __all__ = ["jbu", "spatial_kernel", "JointBilateralUpsampler", "JBUStack", "stage_sizes"]
 
@@ -45,8 +49,7 @@ def spatial_kernel(sigma_spatial: Tensor | float, radius: int, *, device=None,
     """``Tensor[k*k]``: ``exp(-(dx^2 + dy^2) / (2 sigma^2))`` on a ``linspace(-1, 1, k)`` grid,
     row-major (dy indexes kernel rows, dx columns)."""
     sigma = torch.as_tensor(sigma_spatial, device=device)
-    d = torch.linspace(-1, 1, 2 * radius + 1, device=sigma.device, dtype=dtype)
-    dist2 = (d[:, None] ** 2 + d[None, :] ** 2).reshape(-1)
+    dist2 = spatial_dist2(radius, device=sigma.device, dtype=dtype)
     return torch.exp(-dist2 / (2 * sigma.to(dtype) ** 2))
 
 
@@ -84,23 +87,28 @@ def jbu(source: Tensor, guidance: Tensor, *, range_temp: Tensor | float, range_p
     if q.dim() != 4 or q.shape[0] != B or q.shape[-2:] != guidance.shape[-2:]:
         raise ValueError(f"jbu: range_proj must map [B, G, H, W] to [B, K, H, W]; got "
                          f"{list(q.shape)} for guidance {list(guidance.shape)}")
-    # the kernel is built channels-last, [B, H, W, k*k], the layout adaptive_conv takes
-    logits = range_logits(q, radius)                          # float32 (float64 stays)
-    acc = logits.dtype
-    temp = torch.as_tensor(range_temp, device=logits.device).to(acc).exp().clamp(1e-4, 1e4)
-    kernel = torch.softmax(temp * logits, dim=-1)
-    kernel = kernel * spatial_kernel(sigma_spatial, radius, device=logits.device, dtype=acc)
-    kernel = kernel / kernel.sum(-1, keepdim=True).clamp(min=1e-7)
-    fix_in = torch.cat([kernel.to(guidance.dtype), guidance.permute(0, 2, 3, 1)], dim=-1)
-    fix = fixup_proj(fix_in.permute(0, 3, 1, 2))              # a channels_last [B, k*k+G, H, W]
-    if fix.shape != (B, k * k, H, W):
-        raise ValueError(f"jbu: fixup_proj must map [B, {k * k} + G, H, W] to "
-                         f"[B, {k * k}, H, W]; got {list(fix.shape)}")
-    kernel = kernel + 0.1 * fix.permute(0, 2, 3, 1).to(acc)
-
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kernel = stage_kernel(pad2d(q.to(acc), radius), guidance, range_temp=range_temp,
+                          fixup_proj=fixup_proj, sigma_spatial=sigma_spatial, radius=radius)
     hr_pad = bicubic_pad(source, (H, W), radius)                # [B, C, H + 2r, W + 2r]
-    filters = kernel.to(hr_pad.dtype).reshape(B, H, W, k, k)
-    return adaptive_conv(hr_pad, filters)
+    return adaptive_conv(hr_pad, kernel.to(hr_pad.dtype).view(B, H, W, k, k))
+
+
+def stage_kernel(q_pad: Tensor, guidance: Tensor, *, range_temp, fixup_proj, sigma_spatial,
+                 radius: int) -> Tensor:
+    """The filters of one stage (spec section 2, steps 1-4), channels-last.
+
+    Args:
+        q_pad: ``Tensor[B, K, H + 2r, W + 2r]`` the keys, reflect-padded (or, for a row band of a
+            larger map, with the neighbouring rows as the row padding).
+        guidance: ``Tensor[B, G, H, W]`` the guidance at the output pixels.
+
+    Returns:
+        ``Tensor[B, H, W, k*k]`` float32 (float64 stays float64).
+    """
+    logits = range_logits_padded(q_pad, radius)                 # the kernel's own buffer
+    kernel = normalized_kernel(logits, range_temp, sigma_spatial, radius)
+    return fixup_kernel(kernel, guidance, fixup_proj)
 
 
 @register_upsampler_class
@@ -196,6 +204,9 @@ class JBUStack(UpsamplerMixin, nn.Module):
         key_dim: channels of the range projection.
         radius: window radius of every stage (7x7 windows at 3).
         num_stages: number of learned stages ``up1 .. up{num_stages}`` (FeatUp: 4, i.e. 16x).
+        max_memory: default memory budget of ``forward`` (bytes or ``"8GB"``; None: a fraction of
+            the memory available at each call).  Not saved with the weights.
+        out_dtype: default dtype of the result (None: the source's).
 
     ``forward(source: Tensor[B, C, h, w], guidance: Tensor[B, guidance_dim, H, W],
     output_size=None) -> Tensor[B, C, H', W']`` with ``(H', W') = output_size`` or the guidance
@@ -218,7 +229,7 @@ class JBUStack(UpsamplerMixin, nn.Module):
     """
 
     def __init__(self, dim: int, *, guidance_dim: int = 3, key_dim: int = 32, radius: int = 3,
-                 num_stages: int = 4):
+                 num_stages: int = 4, max_memory=None, out_dtype: torch.dtype | None = None):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"JBUStack: expected a positive channel count dim, got {dim!r}")
@@ -230,6 +241,8 @@ class JBUStack(UpsamplerMixin, nn.Module):
             self.add_module(f"up{i}", JointBilateralUpsampler(guidance_dim, key_dim, radius))
         self.fixup_proj = nn.Sequential(nn.Dropout2d(0.2), nn.Conv2d(dim, dim, kernel_size=1))
         self.config = {}
+        _tiling.parse_max_memory(max_memory)            # refused here if malformed
+        self.max_memory, self.out_dtype = max_memory, out_dtype
 
     def init_kwargs(self) -> dict:
         return {"dim": self.dim, "guidance_dim": self.guidance_dim, "key_dim": self.key_dim,
@@ -244,33 +257,81 @@ class JBUStack(UpsamplerMixin, nn.Module):
         sizes = stage_sizes(tuple(source_hw), tuple(output_hw))
         return [(f"up{min(i + 1, self.num_stages)}", s) for i, s in enumerate(sizes)]
 
-    def forward(self, source: Tensor, guidance: Tensor, output_size=None) -> Tensor:
+    def forward(self, source: Tensor, guidance: Tensor, output_size=None, *, max_memory=None,
+                out_dtype: torch.dtype | None = None) -> Tensor:
+        """``Tensor[B, C, h, w]``, ``Tensor[B, G, H, W]`` -> ``Tensor[B, C, H', W']``.
+
+        ``max_memory`` (bytes, or a string like ``"8GB"``; default the constructor's, else
+        ``_tiling.DEFAULT_FRACTION`` of the memory available now) bounds what the forward
+        allocates; ``out_dtype`` (default the constructor's, else the source's dtype) is the
+        result's dtype (the stages compute in the source's dtype).  Without autograd, large outputs
+        (or outputs that would not fit the budget whole) are computed in row bands
+        (``_tiling``); when even that cannot fit, a ``MemoryBudgetError`` (a ``MemoryError``)
+        names the estimate and the budget before anything large is allocated.
+        """
         check_4d("guidance", guidance, f"[B, {self.guidance_dim}, H, W]")
         H, W = check_upsampler_inputs(source, guidance, output_size,
                                       guidance_dim=self.guidance_dim, dim=self.dim,
                                       who="JBUStack")
+        out_dtype = out_dtype if out_dtype is not None else self.out_dtype
+        if out_dtype is not None and (not isinstance(out_dtype, torch.dtype)
+                                      or not out_dtype.is_floating_point):
+            raise TypeError(f"JBUStack: expected out_dtype as a floating torch.dtype, got "
+                            f"{out_dtype!r}")
+        out_dtype = out_dtype or source.dtype
+        budget = _tiling.parse_max_memory(max_memory if max_memory is not None
+                                          else self.max_memory)
         plan = self.stage_plan(source.shape[-2:], (H, W))
         fused = _is_linear_fixup(self.fixup_proj)
+        grad = torch.is_grad_enabled() and (
+            source.requires_grad or guidance.requires_grad
+            or any(p.requires_grad for p in self.parameters()))
+        est = _tiling.estimate_bytes(
+            source.shape[0], self.dim, [s for _, s in plan], tuple(source.shape[-2:]),
+            radius=self.radius, key_dim=self.key_dim, guidance_dim=self.guidance_dim,
+            elem=source.element_size(), out_elem=torch.empty((), dtype=out_dtype).element_size(),
+            grad=grad)
+        if budget is None:
+            budget = _tiling.default_max_memory(source.device)
+            told = f"the budget ({_tiling.DEFAULT_FRACTION:.0%} of the memory available now)"
+        else:
+            told = "max_memory"
+        tile = fused and not grad and len(plan) > 0 and (
+            est.untiled > budget or est.output >= _tiling.TILE_MIN_OUTPUT_BYTES)
+        need = est.tiled_min if tile else est.untiled
+        if need > budget:
+            how = ("with autograd (training keeps every stage's maps)" if grad else
+                   "even in row bands" if tile else "(this fixup_proj cannot be tiled)")
+            raise _tiling.MemoryBudgetError(
+                f"JBUStack: upsampling {list(source.shape)} to {H}x{W} needs about "
+                f"{_tiling.gb(need)} {how} (the output alone is {_tiling.gb(est.output)}), but "
+                f"{told} is {_tiling.gb(budget)}; ask for a smaller output size, a 16-bit "
+                f"out_dtype, or a larger max_memory")
         x = source
-        for n, (name, size) in enumerate(plan):
-            stage = getattr(self, name)
-            g = F.adaptive_avg_pool2d(guidance, size)
-            if fused and n == len(plan) - 1:
-                return self._last_stage_with_fixup(stage, x, g)
-            x = stage(x, g)
-        return x + 0.1 * self.fixup_proj(x)
-
-    def _last_stage_with_fixup(self, stage: nn.Module, x: Tensor, g: Tensor) -> Tensor:
-        # stage(x) + 0.1 * fixup(stage(x)) == stage(x + 0.1 * (fixup(x) - b)) + 0.1 * b, because
-        # the stage is linear in its source and acts on every channel alike (module docstring).
-        drop, conv = self.fixup_proj[0], self.fixup_proj[1]
-        fix = F.conv2d(drop(x), conv.weight)                                  # without the bias
-        out = stage(x + 0.1 * fix, g)
-        if conv.bias is not None:
-            # in place: the stage's output is not needed by its backward, and on CPU a fresh
-            # full-resolution tensor costs more than the addition itself
-            out = out.add_((0.1 * conv.bias).view(1, -1, 1, 1).to(out.dtype))
-        return out
+        if fused:
+            # the final fixup at the source: x + 0.1 (W x + b) with x = A(s) equals
+            # A(s + 0.1 W s) + 0.1 b (module docstring); the bias is added at the end
+            drop, conv = self.fixup_proj[0], self.fixup_proj[1]
+            x = source + 0.1 * F.conv2d(drop(source), conv.weight)
+        if tile:
+            sizes = [s for _, s in plan]
+            guides = [F.adaptive_avg_pool2d(guidance, s) for s in sizes]
+            out = torch.empty((source.shape[0], self.dim, H, W), dtype=out_dtype,
+                              device=source.device)
+            bias = self.fixup_proj[1].bias
+            return _tiling.tiled_forward(
+                [getattr(self, n) for n, _ in plan], x, guides, sizes, radius=self.radius,
+                band_rows=est.band_rows(budget, H), out=out,
+                bias=None if bias is None else 0.1 * bias)
+        for name, size in plan:
+            x = getattr(self, name)(x, F.adaptive_avg_pool2d(guidance, size))
+        if not fused:
+            x = x + 0.1 * self.fixup_proj(x)
+        elif self.fixup_proj[1].bias is not None:
+            bias = (0.1 * self.fixup_proj[1].bias).view(1, -1, 1, 1).to(x.dtype)
+            # in place: no stage's backward needs its output
+            x = x.add_(bias) if plan else x + bias
+        return x.to(out_dtype)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, guidance_dim={self.guidance_dim}, key_dim={self.key_dim}, "

@@ -1,0 +1,135 @@
+"""The per-pixel JBU kernel of one stage, built channels-last with few full-size temporaries.
+
+Spec section 2, steps 1-4, for ``logits: Tensor[B, H, W, k*k]`` (``_range.range_logits``)::
+
+    range  = softmax_n(t * logits),   t = clamp(exp(range_temp), 1e-4, 1e4)
+    kernel = range * s / max(sum_n range * s, 1e-7),   s_n = exp(-|n|^2 / (2 sigma^2))
+    kernel = kernel + 0.1 * fixup_proj(cat([kernel, guidance]))
+
+How it is computed here (each equal to the formula up to float rounding):
+
+* ``range * s / sum(range * s)`` is ``softmax_n(t * logits + log s)``: the softmax's own
+  denominator cancels.  With ``log s_n = -|n|^2 / (2 sigma^2)`` and ``|n|^2 <= 2`` on the
+  ``[-1, 1]`` grid, ``sum_n range * s >= min_n s_n = exp(-1 / sigma^2)``, so the 1e-7 clamp can only
+  act when ``sigma < 0.25``; only then is the three-step form used.  One softmax replaces a softmax,
+  a product, a sum and a division (four full-size tensors), and without autograd it runs in place
+  on the logits.
+* FeatUp's ``fixup_proj`` (``Conv2d(k*k + G, k*k, 1), GELU, Dropout2d, Conv2d(k*k, k*k, 1)``, no
+  hooks) runs as matrix products on the channels-last kernel with the first weight split into its
+  kernel part and guidance part, so ``cat([kernel, guidance])`` is never made; the ``0.1`` and the
+  bias go into the last product and the kernel is added to its result in place.  Any other
+  ``fixup_proj`` (hooked, replaced) is called as a module on the concatenation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SIGMA_MIN_FOR_SOFTMAX = 0.25   # exp(-1 / 0.25^2) = 1.1e-7 > 1e-7: the clamp cannot act above it
+
+
+def spatial_dist2(radius: int, *, device=None, dtype=torch.float32) -> Tensor:
+    """``Tensor[k*k]``: ``dx^2 + dy^2`` on a ``linspace(-1, 1, k)`` grid, row-major (dy indexes kernel
+    rows, dx columns)."""
+    d = torch.linspace(-1, 1, 2 * radius + 1, device=device, dtype=dtype)
+    return (d[:, None] ** 2 + d[None, :] ** 2).reshape(-1)
+
+
+def range_temperature(range_temp, *, device, dtype) -> Tensor:
+    """``clamp(exp(range_temp), 1e-4, 1e4)`` as a 0-d tensor of ``dtype``."""
+    return torch.as_tensor(range_temp, device=device).to(dtype).exp().clamp(1e-4, 1e4)
+
+
+def normalized_kernel(logits: Tensor, range_temp, sigma_spatial, radius: int) -> Tensor:
+    """``Tensor[B, H, W, k*k]`` logits -> the normalized range x spatial kernel, same shape/dtype.
+
+    Without autograd (or when nothing needs a gradient) the logits buffer is overwritten.
+    """
+    dtype, device = logits.dtype, logits.device
+    temp = range_temperature(range_temp, device=device, dtype=dtype)
+    sigma = torch.as_tensor(sigma_spatial, device=device).to(dtype)
+    dist2 = spatial_dist2(radius, device=device, dtype=dtype)
+    grad = torch.is_grad_enabled() and (logits.requires_grad or temp.requires_grad
+                                        or sigma.requires_grad)
+    if float(sigma.detach().abs()) >= SIGMA_MIN_FOR_SOFTMAX:
+        log_s = dist2 * (-0.5 / sigma ** 2)
+        if not grad:
+            z = logits.mul_(temp).add_(log_s)
+            z.sub_(z.amax(-1, keepdim=True)).exp_()
+            return z.div_(z.sum(-1, keepdim=True))
+        z = logits * temp
+        return torch.softmax(z.add_(log_s), dim=-1)       # z is not saved by the product
+    # tiny sigma: the clamp may act, so follow the formula step by step
+    rng = torch.softmax(temp * logits, dim=-1)
+    kern = rng * torch.exp(-dist2 / (2 * sigma ** 2))
+    return kern / kern.sum(-1, keepdim=True).clamp(min=1e-7)
+
+
+def _is_featup_fixup(fixup, k2: int, g: int) -> bool:
+    """FeatUp's ``Sequential(Conv2d(k2 + G, k2, 1), GELU, Dropout2d, Conv2d(k2, k2, 1))`` with no
+    hooks anywhere (then the split-weight matrix products compute it)."""
+    if type(fixup) is not nn.Sequential or len(fixup) != 4:
+        return False
+    c0, act, drop, c3 = fixup
+    mods = (fixup, c0, act, drop, c3)
+    if any(m._forward_hooks or m._forward_pre_hooks for m in mods):
+        return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+
+    def conv1x1(c, cin, cout):
+        return (type(c) is nn.Conv2d and c.kernel_size == (1, 1) and c.stride == (1, 1)
+                and c.groups == 1 and c.dilation == (1, 1) and c.padding in ((0, 0), "valid")
+                and c.in_channels == cin and c.out_channels == cout)
+
+    return (conv1x1(c0, k2 + g, k2) and conv1x1(c3, k2, k2)
+            and type(act) is nn.GELU and act.approximate == "none"
+            and type(drop) in (nn.Dropout2d, nn.Identity))
+
+
+def fixup_kernel(kernel: Tensor, guidance: Tensor, fixup_proj) -> Tensor:
+    """``kernel + 0.1 * fixup_proj(cat([kernel, guidance]))`` on channels-last tensors.
+
+    Args:
+        kernel: ``Tensor[B, H, W, k*k]`` (float32 or float64).
+        guidance: ``Tensor[B, G, H, W]`` (any layout).
+        fixup_proj: a callable ``[B, k*k + G, H, W] -> [B, k*k, H, W]``.
+
+    Returns:
+        ``Tensor[B, H, W, k*k]`` in the dtype of ``kernel`` (may reuse no input buffer).
+    """
+    B, H, W, k2 = kernel.shape
+    G = guidance.shape[1]
+    acc = kernel.dtype
+    g_last = guidance.permute(0, 2, 3, 1)                       # [B, H, W, G] (a view)
+    if not _is_featup_fixup(fixup_proj, k2, G):
+        fix_in = torch.cat([kernel.to(guidance.dtype), g_last], dim=-1)
+        fix = fixup_proj(fix_in.permute(0, 3, 1, 2))           # a channels_last [B, k2+G, H, W]
+        if tuple(fix.shape) != (B, k2, H, W):
+            raise ValueError(f"jbu: fixup_proj must map [B, {k2} + G, H, W] to "
+                             f"[B, {k2}, H, W]; got {list(fix.shape)}")
+        return kernel + 0.1 * fix.permute(0, 2, 3, 1).to(acc)
+    c0, _, drop, c3 = fixup_proj
+    w0 = c0.weight[:, :, 0, 0]                                  # [k2, k2 + G]
+    w3 = c3.weight[:, :, 0, 0]
+    dt = w0.dtype
+    n = B * H * W
+    k_flat = kernel.reshape(n, k2).to(dt)
+    g_flat = g_last.reshape(n, G).to(dt)
+    # h = kernel @ w0[:, :k2]^T + guidance @ w0[:, k2:]^T + b0
+    h = g_flat @ w0[:, k2:].t()
+    if c0.bias is not None:
+        h = h.add_(c0.bias) if not torch.is_grad_enabled() else h + c0.bias
+    h = torch.addmm(h, k_flat, w0[:, :k2].t())
+    h = F.gelu(h)
+    if drop.training and isinstance(drop, nn.Dropout2d) and drop.p > 0:
+        h = drop(h.view(B, H, W, k2).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, k2)
+    if c3.bias is not None:
+        fix = torch.addmm(c3.bias.expand(n, k2), h, w3.t(), beta=0.1, alpha=0.1)
+    else:
+        fix = torch.mm(h, w3.t()).mul_(0.1)
+    fix = fix.view(B, H, W, k2)
+    if fix.dtype != acc:
+        return kernel + fix.to(acc)
+    return fix.add_(kernel)                  # addmm's output is not saved for its backward
