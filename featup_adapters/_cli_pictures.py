@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import viz
 from ._cli_base import PROG, CLIError
+from ._validate import check_output_file
 from .images import check_min_size, default_image, read_rgb, resize_rgb, to_tensor
 
 __all__ = ["run_demo", "run_cam"]
@@ -45,19 +46,18 @@ def _device(args) -> torch.device:
 
 
 def _backbone(args):
-    from .adapters.registry import resolve_backbone
+    from .adapters.registry import PretrainedWeightsError, resolve_backbone
 
     try:
-        model, _ = resolve_backbone(args.backbone, pretrained=True if args.pretrained else None)
+        model, origin = resolve_backbone(args.backbone, pretrained=args.pretrained)
     except ImportError as exc:
         raise CLIError(f"backbone {args.backbone!r} needs a package that is not installed: {exc}") from None
-    except ValueError:
+    except (ValueError, PretrainedWeightsError):
         raise
     except Exception as exc:
         raise CLIError(f"cannot build backbone {args.backbone!r}: {' '.join(str(exc).split())}") from None
-    if args.backbone.partition(":")[0] in ("timm", "hf", "open_clip") and not args.pretrained:
-        print(f"{PROG}: note: {args.backbone} is random-init (pass --pretrained to download its weights)",
-              file=sys.stderr)
+    if origin.pretrained is False:
+        print(f"{PROG}: note: {args.backbone} is random-init (--no-pretrained)", file=sys.stderr)
     return model
 
 
@@ -116,6 +116,7 @@ def _load_one(path, neck, size):
 def run_demo(args) -> int:
 
     timings: list = []
+    check_output_file(args.out, "--out")
     device = _device(args)
     if args.image is not None:
         read_rgb(args.image)  # fail on a bad file before loading any model
@@ -198,6 +199,7 @@ def _imagenet_names() -> list[str]:
 def run_cam(args) -> int:
 
     timings: list = []
+    check_output_file(args.out, "--out")
     device = _device(args)
     if args.image is not None:
         read_rgb(args.image)

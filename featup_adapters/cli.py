@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from ._cli_base import PROG, CLIError
+from ._validate import non_empty_str, non_negative_int, positive_int
 
 # (module, function) pairs that register sub-commands owned by other parts of the package;
 # a module that is missing or fails to import leaves its commands out, never the whole CLI.
@@ -91,9 +92,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, upsampler_default: str = "aut
     p.add_argument("--backbone", default="efficientnet_lite0", metavar="SPEC",
                    help="timm:NAME | hf:ID | open_clip:NAME | a registered name (default: %(default)s, "
                         "the embedded EfficientNet-Lite0 with ImageNet weights)")
-    p.add_argument("--pretrained", action="store_true",
-                   help="download the backbone's pretrained weights (timm:/hf: specs are random-init "
-                        "otherwise; needs the network)")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="load the backbone's pretrained weights (the default: downloaded once, then "
+                        "cached; --no-pretrained builds it at random init)")
     p.add_argument("--layer", default=None, help="module whose output is upsampled (default: the adapter's)")
     p.add_argument("--upsampler", default=upsampler_default, metavar="NAME|DIR",
                    help="'auto' (the one registered for the backbone), a registered name, a saved "
@@ -148,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("pt", "safetensors"), default="pt")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of the saved features (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2,
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward (default: %(default)s)")
+    p.add_argument("--workers", type=non_negative_int, default=2,
                    help="DataLoader worker processes reading the images (default: %(default)s; 0: none)")
     p.add_argument("--verify", choices=("size", "hash"), default="size",
                    help="how a rerun checks the files it skips: recorded byte size, or also their "
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"{PROG} cam dog.jpg --class 'golden retriever'"))
     p.add_argument("image", nargs="?", default=None, help="image file (default: an embedded photo)")
     _add_model_args(p)
-    p.add_argument("--class", dest="class_", default=None, metavar="IDX|NAME",
+    p.add_argument("--class", dest="class_", type=non_empty_str, default=None, metavar="IDX|NAME",
                    help="class index or ImageNet class name (default: the top-1 prediction)")
     _add_size(p, 448, "448")
     p.add_argument("--out", default="cam.png", help="PNG to write (default: %(default)s)")
@@ -258,7 +259,7 @@ def run_list(args) -> int:
         extra = "  [default]" if name == "efficientnet_lite0" else ""
         out.append(f"  {name:<24} id {entry.backbone_id}, stride {entry.patch_size}{extra}")
     out.append("  timm:NAME | hf:ID | open_clip:NAME   any model of these ecosystems "
-               "(random init unless --pretrained)")
+               "(pretrained weights; --no-pretrained = random init)")
     out.append("Adapters (ecosystems found automatically; any other nn.Module with --layer):")
     for eco, package in (("timm", "timm"), ("transformers", "transformers"), ("open_clip", "open_clip_torch")):
         out.append(f"  {eco:<14} {package} {_installed(package)}")
@@ -347,6 +348,17 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join([text, *notes])
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """True if ``exc`` was caused by a KeyboardInterrupt (e.g. inside torch.save's writer)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     stream = file or sys.stderr
     try:
@@ -378,6 +390,11 @@ def main(argv=None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except Exception as exc:  # every failure: one line, traceback only with --debug
+        if _interrupted(exc):  # a Ctrl-C that a C++ serializer turned into a RuntimeError
+            if debug:
+                traceback.print_exc()
+            print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+            return 130
         if debug:
             traceback.print_exc()
         print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)

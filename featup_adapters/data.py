@@ -86,14 +86,12 @@ def embedded_photos(split: str = "all") -> list[Path]:
 
 
 def load_image(path: str | os.PathLike) -> Tensor:
-    """Decode one image file to ``Tensor[3, H, W]`` float32 in [0, 1] (grey and RGBA become RGB)."""
-    import numpy as np
-    from PIL import Image
+    """Decode one image file to ``Tensor[3, H, W]`` float32 in [0, 1] with the project's one reader,
+    :func:`featup_adapters.images.read_image` (16-bit and float images scaled, EXIF orientation
+    applied, grey/palette/CMYK/RGBA made RGB); raises its ``ImageError`` for a bad file."""
+    from .images import read_image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        arr = np.asarray(im, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(read_image(path)).permute(2, 0, 1).contiguous()
 
 
 def resize_and_crop(img: Tensor, size: tuple[int, int], generator: torch.Generator | None = None

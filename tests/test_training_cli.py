@@ -36,7 +36,7 @@ def test_bad_sizes_are_parser_errors(capsys):
 
 def test_train_command_reports_an_empty_folder_before_training(tmp_path):
     (tmp_path / "empty").mkdir()
-    a = _parser().parse_args(["train", "--backbone", "timm:resnet10t", "--data",
+    a = _parser().parse_args(["train", "--backbone", "timm:resnet10t", "--no-pretrained", "--data",
                               str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--steps", "1"])
     with pytest.raises(ValueError, match="no readable images"):
         a.func(a)
@@ -48,7 +48,7 @@ def test_fit_implicit_command_saves_features(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "x.png")
     a = _parser().parse_args(["fit-implicit", str(tmp_path / "x.png"), "--backbone",
-                              "timm:resnet10t", "--out", str(tmp_path / "f.pt"), "--steps", "2",
+                              "timm:resnet10t", "--no-pretrained", "--out", str(tmp_path / "f.pt"), "--steps", "2",
                               "--pca-dim", "4", "--no-progress", "--output-size", "24x32"])
     assert a.func(a) == 0
     feats = torch.load(tmp_path / "f.pt")

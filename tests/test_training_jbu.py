@@ -48,7 +48,7 @@ def test_resume_rejects_a_checkpoint_of_another_timm_backbone(tmp_path):
     from featup_adapters.training import train_upsampler
 
     data = _folder(tmp_path / "data", n=1)
-    kw = dict(batch_size=1, image_size=64, n_jitters=1, progress=False, snapshots=False)
+    kw = dict(batch_size=1, image_size=64, n_jitters=1, progress=False, snapshots=False, pretrained=False)
     train_upsampler("timm:resnet10t", data, steps=0, out_dir=tmp_path / "a", checkpoint_every=1, **kw)
     assert not (tmp_path / "a" / "checkpoints").exists()    # zero steps: nothing to resume from
     train_upsampler("timm:resnet10t", data, steps=1, out_dir=tmp_path / "a", **kw)

@@ -245,14 +245,15 @@ def probe(backbone: nn.Module, adapter: Adapter, size: Optional[Tuple[int, int]]
     param = next(backbone.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else torch.device("cpu")
-    was_training = backbone.training
+    modes = [(m, m.training) for m in backbone.modules()]   # each module's own mode, restored after
     try:
         backbone.eval()
         with torch.no_grad():
             adapter.call(backbone, torch.zeros(1, 3, *size, dtype=dtype, device=device))
     finally:
         handle.remove()
-        backbone.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     if "out" not in captured:
         raise RuntimeError(f"module {adapter.spec.module!r} did not run during the backbone's forward")
     fmap = adapter.to_map(adapter.select(captured["out"]), backbone, size)

@@ -57,8 +57,13 @@ def convert_state_dict(source: "OrderedDict", target: "OrderedDict", variant: in
 def efficientnet_lite(variant: int, pretrained: bool = True, **kwargs) -> nn.Module:
     """timm ``tf_efficientnet_lite{variant}`` (1000 ImageNet classes, ``variant`` in 0, 1, 2), with
     the packaged weights unless ``pretrained=False``; returned in eval mode."""
-    import timm
     import torch
+
+    try:
+        import timm
+    except ImportError as err:
+        raise ImportError(f"the efficientnet-lite{variant} backbones are timm's tf_efficientnet_lite models, and "
+                          "timm is not installed: pip install timm (or featup_adapters[default])") from err
 
     if variant not in VARIANTS:
         raise ValueError(f"expected an efficientnet-lite variant in {sorted(VARIANTS)}, got {variant!r}")

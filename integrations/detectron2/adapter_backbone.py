@@ -61,7 +61,7 @@ def build_featup_adapter_backbone(cfg, input_shape: ShapeSpec) -> AdapterBottomU
     from featup_adapters.adapters import create_backbone
 
     kwargs = {k: v for k, v in dict(ac.KWARGS).items()}
-    model = create_backbone(ac.SPEC, pretrained=True if ac.PRETRAINED else None, **kwargs)
+    model = create_backbone(ac.SPEC, pretrained=bool(ac.PRETRAINED), **kwargs)
     neck = featup_adapters.wrap(model, upsampler="bilinear", layer=ac.LAYER or None)
     mean, std = _to_255(neck.mean), _to_255(neck.std)
     norm = GuidanceNorm(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.INPUT.FORMAT, mean, std)

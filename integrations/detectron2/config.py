@@ -55,9 +55,9 @@ def add_featup_config(cfg: CN) -> CN:
     # Backbone spec for featup_adapters.adapters.create_backbone: "timm:NAME", "hf:ID",
     # "open_clip:NAME" or a registered name such as "efficientnet_lite0".
     _C.MODEL.FEATUP.ADAPTER.SPEC = "efficientnet_lite0"
-    # Download the backbone's pretrained weights (timm / HF / open_clip); False = random init, or the
-    # registered factory's own default (the embedded "efficientnet_lite0" loads its bundled weights).
-    _C.MODEL.FEATUP.ADAPTER.PRETRAINED = False
+    # Load the backbone's pretrained weights (timm / HF / open_clip download or cache; the embedded
+    # "efficientnet_lite0" its bundled ones); False = random init.
+    _C.MODEL.FEATUP.ADAPTER.PRETRAINED = True
     # Extra keyword arguments for the model factory, e.g. {dynamic_img_size: True} for a timm ViT
     # (detectron2 feeds images of any size).
     _C.MODEL.FEATUP.ADAPTER.KWARGS = CN(new_allowed=True)
