@@ -35,7 +35,7 @@ def _print_timings(timings) -> None:
 
 
 def _device(args) -> torch.device:
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = args.device if args.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as exc:

@@ -315,13 +315,17 @@ def panel(images: Sequence, titles: Sequence[str] | None = None, *, path: str | 
     titles = list(titles) if titles is not None else [""] * len(pics)
     if len(titles) != len(pics):
         raise ValueError(f"panel: expected one title per image ({len(pics)}), got {len(titles)}")
-    height = int(height or max(p.height for p in pics))
+    if height is not None and (isinstance(height, bool) or not isinstance(height, int) or height < 1):
+        raise ValueError(f"panel: expected height as an int >= 1 or None, got {height!r}")
+    if cols is not None and (isinstance(cols, bool) or not isinstance(cols, int) or cols < 1):
+        raise ValueError(f"panel: expected cols as an int >= 1 or None, got {cols!r}")
+    height = int(height if height is not None else max(p.height for p in pics))
     cells = []
     for p in pics:
         width = max(1, round(p.width * height / p.height))
         resample = Image.NEAREST if p.height < height else Image.BICUBIC
         cells.append(p if p.size == (width, height) else p.resize((width, height), resample))
-    cols = max(1, min(cols or len(cells), len(cells)))
+    cols = min(cols if cols is not None else len(cells), len(cells))
     font = _font(title_size)
     lines = max(t.count("\n") + 1 for t in titles) if any(titles) else 0
     title_h = lines * (title_size + 4) + (pad if lines else 0)

@@ -224,3 +224,54 @@ def test_missing_optional_packages_say_what_to_install(monkeypatch, capfd):
     with pytest.raises(ImportError, match="timm:resnet18 needs timm.*pip install timm"):
         from featup_adapters.adapters import create_backbone
         create_backbone("timm:resnet18")
+
+
+class Mean4(nn.Module):
+    """Fixed weights: each feature cell is the mean of its 4x4 patch (per channel)."""
+
+    def __init__(self, pretrained: bool = True):
+        super().__init__()
+        self.stage = nn.Conv2d(3, 3, 4, stride=4, groups=3, bias=False)
+        nn.init.constant_(self.stage.weight, 1 / 16)
+
+    def forward(self, x):
+        return self.stage(x)
+
+
+def test_upsample_and_demo_read_a_16bit_png_scaled_not_clipped(tmp_path, capfd):
+    register_backbone("test_cli_mean4", Mean4, layer="stage", mean=(0.0,) * 3, std=(1.0,) * 3, patch_size=4,
+                      overwrite=True)
+    try:
+        ramp = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 65535 // (32 * 32 - 1)).astype(np.uint16)
+        Image.fromarray(ramp).save(tmp_path / "g16.png")
+        assert cli.main(["upsample", str(tmp_path / "g16.png"), "--backbone", "test_cli_mean4", "--upsampler",
+                         "bilinear", "--out", str(tmp_path / "o"), "--no-pca", "--no-progress"]) == 0
+        feats = torch.load(tmp_path / "o" / "g16.pt", weights_only=True)            # [3, 32, 32]
+        grey = torch.from_numpy(np.round(ramp / 65535 * 255) / 255).float()
+        patches = grey.view(8, 4, 8, 4).mean((1, 3))
+        expected = torch.nn.functional.interpolate(patches[None, None], size=(32, 32), mode="bilinear",
+                                                   align_corners=False)[0, 0]
+        torch.testing.assert_close(feats[0], expected, atol=1e-4, rtol=0)
+        assert float(feats.mean()) < 0.6                    # clipped to white it was 1.0
+        capfd.readouterr()
+        assert cli.main(["demo", str(tmp_path / "g16.png"), "--backbone", "test_cli_mean4", "--upsampler",
+                         "bilinear", "--size", "32", "--out", str(tmp_path / "d.png")]) == 0
+        with Image.open(tmp_path / "d.png") as pic:
+            left = np.asarray(pic.convert("L"))[:, :40]      # the image column of the panel
+        assert len(np.unique(left)) > 50                    # a ramp of grey levels, not a white square
+    finally:
+        _REGISTRY.pop("test_cli_mean4", None)
+
+
+def test_missing_packages_through_the_command_line(tiny, capfd, monkeypatch):
+    import featup_adapters.tasks.seg_data as seg_data
+
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    monkeypatch.setattr(seg_data, "_TEXTURES", None)
+    assert cli.main(["probe", "--backbone", tiny, "--upsampler", "none", "--image-size", "32",
+                     "--mosaic-samples", "2", "--steps", "1"]) == 1
+    _one_line(capfd, "pip install scikit-image")
+    monkeypatch.setitem(sys.modules, "timm", None)
+    assert cli.main(["demo", "--out", "never.png"]) == 1
+    _one_line(capfd, "pip install timm")

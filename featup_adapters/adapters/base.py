@@ -235,7 +235,7 @@ def probe(backbone: nn.Module, adapter: Adapter, size: Optional[Tuple[int, int]]
 
     ``size`` defaults to the size the model declares (``image_size`` / ``img_size``), else 224x224.
     """
-    size = size or _declared_size(backbone)
+    size = size if size is not None else _declared_size(backbone)
     captured = {}
 
     def hook(_m, _a, out):

@@ -91,7 +91,7 @@ def load_data(args):
 def _device(name):
     import torch
 
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    return name if name is not None else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _write_json(obj, path: str) -> None:

@@ -153,9 +153,13 @@ def save_checkpoint(model: SegmentationModel, path: str, *, step: int = 0, extra
 
 def load_checkpoint(model: SegmentationModel, path: str) -> dict:
     """Load a checkpoint written by ``save_checkpoint`` into ``model`` (strict on the saved keys)."""
-    from .._load import load_torch_file
+    from .._format import CheckpointError
+    from ..hub import safe_torch_load
 
-    ckpt = load_torch_file(path, what="--resume")
+    try:
+        ckpt = safe_torch_load(path, map_location="cpu", metadata_stand_ins=False)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume: {exc}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"expected a featup_adapters segmentation checkpoint at {path}, got "
                          f"{type(ckpt).__name__} without a 'model' entry")

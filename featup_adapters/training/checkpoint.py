@@ -1,7 +1,7 @@
 """Training checkpoints: written atomically (temp file + ``os.replace``), resumed exactly.
 
 A checkpoint is a ``torch.save`` dict of tensors, numbers, strings and plain containers only, so it
-is read back with ``torch.load(weights_only=True)`` (``featup_adapters._load.load_torch_file``):
+is read back with ``torch.load(weights_only=True)`` (``featup_adapters.hub.safe_torch_load``):
 a file whose pickle would run code is refused, never executed::
 
     {"format": "featup_adapters.train/1", "step": int, "backbone_id": str, "layer": str | None,
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .._format import CheckpointError
 from .._io import atomic_torch_save
-from .._load import CheckpointFileError, load_torch_file
 
 FORMAT = "featup_adapters.train/1"
 
@@ -53,10 +53,15 @@ def resolve_resume(resume: str | os.PathLike) -> Path:
 def load_checkpoint(path: str | os.PathLike, *, backbone_id: str, layer, feature_dim: int) -> dict:
     """Load a training checkpoint and check it belongs to this backbone, layer and width."""
     path = resolve_resume(path)
-    ckpt = load_torch_file(path, what="--resume")
+    from ..hub import safe_torch_load
+
+    try:
+        ckpt = safe_torch_load(path, map_location="cpu", metadata_stand_ins=False)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume: {exc}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointFileError(f"--resume: {str(path)!r} is not a featup_adapters training checkpoint "
+        raise CheckpointError(f"--resume: {str(path)!r} is not a featup_adapters training checkpoint "
                                   f"(expected format {FORMAT!r}, found {found!r})")
     theirs = (ckpt.get("backbone_id"), ckpt.get("layer"), ckpt.get("feature_dim"))
     ours = (backbone_id, layer, feature_dim)
