@@ -26,6 +26,9 @@ TORCH_LIBRARY(featup_adapters, m) {
   m.def("adaptive_conv_grad_input(Tensor grad_out, Tensor filters) -> Tensor");
   m.def("adaptive_conv_grad_filters(Tensor grad_out, Tensor input) -> Tensor");
   m.def("_cpu_isa() -> str", &cpu_isa);
+  // bicubic resize (align_corners=False) to size, then reflect padding by pad (cpu/resize_cpu.cpp)
+  m.def("bicubic_pad(Tensor input, int[2] size, int pad) -> Tensor");
+  m.def("bicubic_pad_backward(Tensor grad_out, int[2] input_size, int pad) -> Tensor");
 }
 
 }  // namespace featup_adapters

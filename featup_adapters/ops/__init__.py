@@ -7,6 +7,10 @@
 Backends per device, in priority order: the compiled CUDA kernel, the compiled CPU kernel
 (OpenMP, vectorized, ISA chosen at run time), the pure PyTorch reference.  ``backend()`` says
 which one serves each device and why the others do not; a fallback to the reference warns once.
+
+``bicubic_pad(x, (H, W), r)`` (``resize.py``) is the bicubic resize + reflect pad JBU feeds the
+convolution with: a compiled CPU kernel, torch's own kernels on CUDA, ``F.interpolate`` + ``F.pad``
+as the reference.
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ from torch import Tensor
 from . import _registration  # noqa: F401  (fake kernels + autograd for the C++ ops)
 from ._checks import check_adaptive_conv_args
 from ._loader import NATIVE, BackendChoice, backend, cpu_isa, extension_loaded, has_kernel, warn_fallback
+from .resize import bicubic_pad, bicubic_pad_reference
 from .reference import (adaptive_conv_grad_filters_reference, adaptive_conv_grad_input_reference,
                         adaptive_conv_reference)
 
 __all__ = ["adaptive_conv", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
            "extension_loaded", "has_kernel", "adaptive_conv_grad_input_reference",
-           "adaptive_conv_grad_filters_reference"]
+           "adaptive_conv_grad_filters_reference", "bicubic_pad", "bicubic_pad_reference"]
 
 
 def adaptive_conv(input: Tensor, filters: Tensor) -> Tensor:

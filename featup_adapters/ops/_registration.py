@@ -7,13 +7,20 @@ Forward:      out    = adaptive_conv(input, filters)
 Backward:     g_in   = adaptive_conv_grad_input(grad_out, filters)
               g_filt = adaptive_conv_grad_filters(grad_out, input)
 All three are bilinear, so each backward is again made of these three ops (double backward works).
+
+Resize:       out    = bicubic_pad(x, (H, W), r)            [B, C, h, w] -> [B, C, H+2r, W+2r]
+              g_x    = bicubic_pad_backward(g, (h, w), r)   its transpose, again linear; the
+                       transpose of the backward is the forward, so double backward works. On
+                       CUDA both run torch's own kernels (``_resize_cuda``).
 """
 from __future__ import annotations
 
 import torch
 
 from ._checks import check_adaptive_conv_args
+from . import _resize_cuda
 from ._loader import extension_loaded
+from ._resize_cuda import padded_sizes
 
 ops = torch.ops.featup_adapters if extension_loaded() else None
 
@@ -77,5 +84,43 @@ def _register() -> None:
                                     setup_context=_setup_gi)
 
 
+def _register_resize() -> None:
+    lib = "featup_adapters::"
+
+    @torch.library.register_fake(lib + "bicubic_pad")
+    def _fake(x, size, pad):
+        torch._check(x.dim() == 4, lambda: f"bicubic_pad: expected a 4-D input, got {x.dim()}-D")
+        return x.new_empty((x.shape[0], x.shape[1], size[0] + 2 * pad, size[1] + 2 * pad))
+
+    @torch.library.register_fake(lib + "bicubic_pad_backward")
+    def _fake_backward(grad_out, input_size, pad):
+        return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], *input_size))
+
+    torch.library.register_kernel(lib + "bicubic_pad", "cuda", _resize_cuda.cuda_bicubic_pad)
+    torch.library.register_kernel(lib + "bicubic_pad_backward", "cuda", _resize_cuda.cuda_bicubic_pad_backward)
+
+    def _setup(ctx, inputs, output):
+        x, _, pad = inputs
+        ctx.input_size = list(x.shape[-2:])
+        ctx.pad = pad
+
+    def _backward(ctx, grad):
+        return ops.bicubic_pad_backward(grad.contiguous(), ctx.input_size, ctx.pad), None, None
+
+    torch.library.register_autograd(lib + "bicubic_pad", _backward, setup_context=_setup)
+
+    def _setup_bwd(ctx, inputs, output):
+        grad_out, _, pad = inputs
+        ctx.size = list(padded_sizes(grad_out, pad))
+        ctx.pad = pad
+
+    def _backward_bwd(ctx, grad):
+        return ops.bicubic_pad(grad.contiguous(), ctx.size, ctx.pad), None, None
+
+    torch.library.register_autograd(lib + "bicubic_pad_backward", _backward_bwd,
+                                    setup_context=_setup_bwd)
+
+
 if extension_loaded():
     _register()
+    _register_resize()

@@ -25,11 +25,22 @@ struct KernelSet {
   void (*grad_filters)(const T* g, const T* x, T* gf, const ConvShape& s, int64_t begin, int64_t end);
 };
 
+// Row kernels of the bicubic resize + pad op (resize_rows_impl.h): tables are [l][j], n apart.
+//   gather_cols(dst, src, idx, w, L, n):  dst[j] = sum_{l < L} w[l][j] * src[idx[l][j]]
+//   combine_rows(dst, rows, w, L, n):     dst[q] = sum_{l < L} w[l] * rows[l][q]
+template <typename T>
+struct ResizeKernels {
+  void (*gather_cols)(T* dst, const T* src, const int32_t* idx, const T* w, int64_t L, int64_t n);
+  void (*combine_rows)(T* dst, const T* const* rows, const T* w, int64_t L, int64_t n);
+};
+
 struct IsaKernels {
   const char* name;
   int channel_block;  // channels per work item of forward / grad_input
   KernelSet<float> f32;
   KernelSet<double> f64;
+  ResizeKernels<float> resize_f32;
+  ResizeKernels<double> resize_f64;
 };
 
 namespace generic { const IsaKernels& kernels(); }

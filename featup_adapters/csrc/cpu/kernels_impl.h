@@ -344,13 +344,17 @@ void grad_filters(const T* g, const T* x, T* gf, const ConvShape& s, int64_t beg
   delete[] acc;
 }
 
+#include "resize_rows_impl.h"
+
 }  // namespace
 
 const IsaKernels& kernels() {
   static const IsaKernels table{
       FA_ISA_NAME, CB,
       KernelSet<float>{&forward<float>, &grad_input<float>, &grad_filters<float>},
-      KernelSet<double>{&forward<double>, &grad_input<double>, &grad_filters<double>}};
+      KernelSet<double>{&forward<double>, &grad_input<double>, &grad_filters<double>},
+      ResizeKernels<float>{&gather_cols<float>, &combine_rows<float>},
+      ResizeKernels<double>{&gather_cols<double>, &combine_rows<double>}};
   return table;
 }
 

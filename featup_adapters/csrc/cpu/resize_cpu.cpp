@@ -1,0 +1,263 @@
+// CPU implementation of bicubic_pad: bicubic resize (align_corners=False, A = -0.75, taps
+// clamped at the borders, exactly the convention of torch's upsample_bicubic2d) followed by
+// reflect padding by r (replicate when a side of the output is <= r), in one pass.
+//
+// Both steps are separable and the padding only re-indexes output rows / columns, so each axis
+// is a table of 4 (source index, weight) taps per *padded* output position. Per plane and thread:
+//   1. a source row is resized along x into a ring of 8 rows (slot = source row % 8; the 4
+//      taps of one output row are consecutive source rows, so they never share a slot);
+//   2. each padded output row combines the 4 ring rows of its taps (vectorized over x).
+// The backward is the transpose: per source row, a combination of the grad rows that used it
+// (a list per source row), then a gather along x over the columns that used each source column
+// (a fixed number of entries per column, padded with a zero slot). float16 / bfloat16 compute in
+// float32; the forward rounds each finished output row once.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/UpSample.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "kernels.h"
+#include "large_alloc.h"
+
+namespace featup_adapters {
+namespace {
+
+constexpr int64_t kTaps = 4;
+constexpr int64_t kRing = 8;
+
+bool use_reflect(int64_t H, int64_t W, int64_t r) { return std::min(H, W) > r; }
+
+// Padded position P in [0, n + 2r) -> output position in [0, n).
+int64_t unpad(int64_t P, int64_t n, int64_t r, bool reflect) {
+  int64_t o = P - r;
+  if (reflect) {
+    if (o < 0) o = -o;
+    if (o >= n) o = 2 * (n - 1) - o;
+    return o;
+  }
+  return std::min(std::max<int64_t>(o, 0), n - 1);
+}
+
+// Forward taps of one axis: idx / w are [4][n + 2r].
+template <typename T>
+struct Taps {
+  int64_t n;  // padded output size
+  std::vector<int32_t> idx;
+  std::vector<T> w;
+};
+
+template <typename T>
+Taps<T> forward_taps(int64_t n_in, int64_t n_out, int64_t r, bool reflect) {
+  const int64_t n = n_out + 2 * r;
+  Taps<T> t{n, std::vector<int32_t>(kTaps * n), std::vector<T>(kTaps * n)};
+  const T scale = at::native::area_pixel_compute_scale<T>(n_in, n_out, false, std::nullopt);
+  for (int64_t P = 0; P < n; ++P) {
+    const int64_t o = unpad(P, n_out, r, reflect);
+    const T real = at::native::area_pixel_compute_source_index<T>(scale, o, false, /*cubic=*/true);
+    int64_t i;
+    T lambda;
+    at::native::guard_index_and_lambda(real, n_in, i, lambda);
+    T c[4];
+    at::native::get_cubic_upsample_coefficients<T>(c, lambda);
+    for (int64_t k = 0; k < kTaps; ++k) {
+      t.idx[k * n + P] = static_cast<int32_t>(std::min(std::max<int64_t>(i - 1 + k, 0), n_in - 1));
+      t.w[k * n + P] = c[k];
+    }
+  }
+  return t;
+}
+
+// The transpose of forward taps: for each source position s, the padded positions that read it
+// with their summed weights (duplicate taps of a clamped border merged).
+template <typename T>
+struct Adjoint {
+  std::vector<int64_t> start;  // [n_in + 1] into pos / w
+  std::vector<int64_t> pos;
+  std::vector<T> w;
+  int64_t max_count = 0;
+};
+
+template <typename T>
+Adjoint<T> adjoint_taps(const Taps<T>& f, int64_t n_in) {
+  std::vector<std::vector<std::pair<int64_t, T>>> lists(n_in);
+  for (int64_t P = 0; P < f.n; ++P)
+    for (int64_t k = 0; k < kTaps; ++k) {
+      auto& l = lists[f.idx[k * f.n + P]];
+      const T wk = f.w[k * f.n + P];
+      if (!l.empty() && l.back().first == P) l.back().second += wk;
+      else l.emplace_back(P, wk);
+    }
+  Adjoint<T> a;
+  a.start.push_back(0);
+  for (const auto& l : lists) {
+    for (const auto& e : l) {
+      a.pos.push_back(e.first);
+      a.w.push_back(e.second);
+    }
+    a.start.push_back(static_cast<int64_t>(a.pos.size()));
+    a.max_count = std::max<int64_t>(a.max_count, static_cast<int64_t>(l.size()));
+  }
+  return a;
+}
+
+template <typename T>
+const cpu::ResizeKernels<T>& resize_kernels();
+template <> const cpu::ResizeKernels<float>& resize_kernels<float>() { return cpu::best_kernels().resize_f32; }
+template <> const cpu::ResizeKernels<double>& resize_kernels<double>() { return cpu::best_kernels().resize_f64; }
+
+// Rows per work item: whole planes when there are enough of them, else planes split in chunks
+// so every thread gets work (each chunk re-resizes at most 3 source rows of its neighbour).
+int64_t rows_per_item(int64_t planes, int64_t rows) {
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  if (planes >= want) return rows;
+  const int64_t chunks = std::min<int64_t>((want + planes - 1) / planes, std::max<int64_t>(1, rows / 16));
+  return (rows + chunks - 1) / chunks;
+}
+
+template <typename T, typename O>
+void forward_kernel(const T* x, O* out, int64_t planes, int64_t h, int64_t w, const Taps<T>& th,
+                    const Taps<T>& tw) {
+  const auto& ks = resize_kernels<T>();
+  const int64_t Hp = th.n, Wp = tw.n;
+  const int64_t chunk = rows_per_item(planes, Hp), nchunks = (Hp + chunk - 1) / chunk;
+  at::parallel_for(0, planes * nchunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> ring(kRing * Wp), row(std::is_same<T, O>::value ? 0 : Wp);
+    int64_t tag[kRing];
+    std::fill(tag, tag + kRing, -1);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t plane = item / nchunks, P0 = (item % nchunks) * chunk;
+      const int64_t P1 = std::min(P0 + chunk, Hp);
+      const T* src = x + plane * h * w;
+      O* dst = out + plane * Hp * Wp;
+      for (int64_t P = P0; P < P1; ++P) {
+        const T* rows[kTaps];
+        T wts[kTaps];
+        for (int64_t k = 0; k < kTaps; ++k) {
+          const int64_t i = th.idx[k * Hp + P], slot = i % kRing, key = plane * h + i;
+          if (tag[slot] != key) {
+            ks.gather_cols(ring.data() + slot * Wp, src + i * w, tw.idx.data(), tw.w.data(), kTaps, Wp);
+            tag[slot] = key;
+          }
+          rows[k] = ring.data() + slot * Wp;
+          wts[k] = th.w[k * Hp + P];
+        }
+        if constexpr (std::is_same<T, O>::value) {
+          ks.combine_rows(dst + P * Wp, rows, wts, kTaps, Wp);
+        } else {
+          ks.combine_rows(row.data(), rows, wts, kTaps, Wp);
+          O* o = dst + P * Wp;
+          for (int64_t q = 0; q < Wp; ++q) o[q] = static_cast<O>(row[q]);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const T* g, T* gi, int64_t planes, int64_t h, int64_t w, int64_t Hp, int64_t Wp,
+                     const Adjoint<T>& ah, const Adjoint<T>& aw) {
+  const auto& ks = resize_kernels<T>();
+  // columns as a fixed-width table [L][w]; unused entries read the zero at acc[Wp]
+  const int64_t L = aw.max_count;
+  std::vector<int32_t> cidx(L * w, static_cast<int32_t>(Wp));
+  std::vector<T> cw(L * w, T(0));
+  for (int64_t j = 0; j < w; ++j)
+    for (int64_t e = aw.start[j], l = 0; e < aw.start[j + 1]; ++e, ++l) {
+      cidx[l * w + j] = static_cast<int32_t>(aw.pos[e]);
+      cw[l * w + j] = aw.w[e];
+    }
+  const int64_t chunk = rows_per_item(planes, h), nchunks = (h + chunk - 1) / chunk;
+  at::parallel_for(0, planes * nchunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(Wp + 1, T(0));
+    std::vector<const T*> rows(std::max<int64_t>(ah.max_count, 1));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t plane = item / nchunks, i0 = (item % nchunks) * chunk;
+      const int64_t i1 = std::min(i0 + chunk, h);
+      const T* G = g + plane * Hp * Wp;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t e0 = ah.start[i], n = ah.start[i + 1] - e0;
+        for (int64_t e = 0; e < n; ++e) rows[e] = G + ah.pos[e0 + e] * Wp;
+        ks.combine_rows(acc.data(), rows.data(), ah.w.data() + e0, n, Wp);
+        acc[Wp] = T(0);
+        ks.gather_cols(gi + (plane * h + i) * w, acc.data(), cidx.data(), cw.data(), L, w);
+      }
+    }
+  });
+}
+
+void check_sizes(const char* op, int64_t h, int64_t w, int64_t H, int64_t W, int64_t r) {
+  TORCH_CHECK(h >= 1 && w >= 1, op, ": expected a source of at least 1x1 pixels, got ", h, "x", w);
+  TORCH_CHECK(H >= 1 && W >= 1, op, ": expected an output size of at least 1x1, got ", H, "x", W);
+  TORCH_CHECK(r >= 0, op, ": expected a padding r >= 0, got ", r);
+  TORCH_CHECK(h < (int64_t(1) << 31) && w < (int64_t(1) << 31) && H + 2 * r < (int64_t(1) << 31) &&
+                  W + 2 * r < (int64_t(1) << 31),
+              op, ": sides must be below 2^31 pixels");
+}
+
+template <typename T, typename O>
+void run_forward(const at::Tensor& x, at::Tensor& out, int64_t h, int64_t w, int64_t H, int64_t W, int64_t r,
+                 bool reflect) {
+  const auto th = forward_taps<T>(h, H, r, reflect);
+  const auto tw = forward_taps<T>(w, W, r, reflect);
+  forward_kernel<T, O>(x.data_ptr<T>(), out.data_ptr<O>(), x.size(0) * x.size(1), h, w, th, tw);
+}
+
+at::Tensor bicubic_pad_cpu(const at::Tensor& input, at::IntArrayRef size, int64_t r) {
+  TORCH_CHECK(input.dim() == 4, "bicubic_pad: expected input of shape [B, C, h, w] (4-D), got ",
+              input.dim(), "-D tensor of shape ", input.sizes());
+  TORCH_CHECK(size.size() == 2, "bicubic_pad: expected size (H, W), got ", size);
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dtype), "bicubic_pad: expected a floating dtype, got ", dtype);
+  const int64_t B = input.size(0), C = input.size(1), h = input.size(2), w = input.size(3);
+  const int64_t H = size[0], W = size[1];
+  check_sizes("bicubic_pad", h, w, H, W, r);
+  auto out = empty_large({B, C, H + 2 * r, W + 2 * r}, input.options());
+  if (out.numel() == 0) return out;
+  const bool reflect = use_reflect(H, W, r);
+  const auto ct = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  auto x = input.to(ct).contiguous();
+  switch (dtype) {
+    case at::kDouble: run_forward<double, double>(x, out, h, w, H, W, r, reflect); break;
+    case at::kFloat: run_forward<float, float>(x, out, h, w, H, W, r, reflect); break;
+    case at::kHalf: run_forward<float, at::Half>(x, out, h, w, H, W, r, reflect); break;
+    case at::kBFloat16: run_forward<float, at::BFloat16>(x, out, h, w, H, W, r, reflect); break;
+    default: TORCH_CHECK(false, "bicubic_pad: unsupported dtype ", dtype);
+  }
+  return out;
+}
+
+at::Tensor bicubic_pad_backward_cpu(const at::Tensor& grad_out, at::IntArrayRef input_size, int64_t r) {
+  TORCH_CHECK(grad_out.dim() == 4, "bicubic_pad_backward: expected grad_out of shape [B, C, H+2r, W+2r] (4-D), got ",
+              grad_out.dim(), "-D tensor of shape ", grad_out.sizes());
+  TORCH_CHECK(input_size.size() == 2, "bicubic_pad_backward: expected input_size (h, w), got ", input_size);
+  const auto dtype = grad_out.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dtype), "bicubic_pad_backward: expected a floating dtype, got ", dtype);
+  const int64_t B = grad_out.size(0), C = grad_out.size(1), Hp = grad_out.size(2), Wp = grad_out.size(3);
+  const int64_t h = input_size[0], w = input_size[1], H = Hp - 2 * r, W = Wp - 2 * r;
+  check_sizes("bicubic_pad_backward", h, w, H, W, r);
+  const auto ct = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  auto gi = at::empty({B, C, h, w}, grad_out.options().dtype(ct));
+  if (gi.numel() == 0) return gi.to(dtype);
+  const bool reflect = use_reflect(H, W, r);
+  auto g = grad_out.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "bicubic_pad_backward_cpu", [&] {
+    const auto ah = adjoint_taps(forward_taps<scalar_t>(h, H, r, reflect), h);
+    const auto aw = adjoint_taps(forward_taps<scalar_t>(w, W, r, reflect), w);
+    backward_kernel<scalar_t>(g.data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), B * C, h, w, Hp, Wp, ah, aw);
+  });
+  return gi.to(dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(featup_adapters, CPU, m) {
+  m.impl("bicubic_pad", &bicubic_pad_cpu);
+  m.impl("bicubic_pad_backward", &bicubic_pad_backward_cpu);
+}
+
+}  // namespace featup_adapters
