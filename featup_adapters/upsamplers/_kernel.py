@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._range import range_logits_padded
+
 SIGMA_MIN_FOR_SOFTMAX = 0.25   # exp(-1 / 0.25^2) = 1.1e-7 > 1e-7: the clamp cannot act above it
 
 
@@ -133,3 +135,20 @@ def fixup_kernel(kernel: Tensor, guidance: Tensor, fixup_proj) -> Tensor:
     if fix.dtype != acc:
         return kernel + fix.to(acc)
     return fix.add_(kernel)                  # addmm's output is not saved for its backward
+
+
+def stage_kernel(q_pad: Tensor, guidance: Tensor, *, range_temp, fixup_proj, sigma_spatial,
+                 radius: int) -> Tensor:
+    """The filters of one stage (spec section 2, steps 1-4), channels-last.
+
+    Args:
+        q_pad: ``Tensor[B, K, H + 2r, W + 2r]`` the keys, reflect-padded (or, for a row band of a
+            larger map, with the neighbouring rows as the row padding).
+        guidance: ``Tensor[B, G, H, W]`` the guidance at the output pixels.
+
+    Returns:
+        ``Tensor[B, H, W, k*k]`` float32 (float64 stays float64).
+    """
+    logits = range_logits_padded(q_pad, radius)                 # the kernel's own buffer
+    kernel = normalized_kernel(logits, range_temp, sigma_spatial, radius)
+    return fixup_kernel(kernel, guidance, fixup_proj)

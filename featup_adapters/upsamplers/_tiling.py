@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops import adaptive_conv
+from ._kernel import stage_kernel
 from ._resize import pad_mode
 
 DEFAULT_FRACTION = 0.85      # of the memory available when the forward starts
@@ -257,7 +258,6 @@ class _Level:
         q = st.range_proj(self.g.index_select(2, gi))
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         q_pad = F.pad(q.to(acc), [r, r, 0, 0], mode="reflect" if self.reflect else "replicate")
-        from .jbu import stage_kernel
         kern = stage_kernel(q_pad, self.g[:, :, a:b], range_temp=st.range_temp,
                             fixup_proj=st.fixup_proj, sigma_spatial=st.sigma_spatial, radius=r)
         k = 2 * r + 1

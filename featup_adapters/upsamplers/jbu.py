@@ -40,8 +40,7 @@ import warnings
 from . import _tiling
 from ._base import (UpsamplerMixin, check_4d, check_channels, check_input_dtypes, check_radius,
                     check_upsampler_inputs, register_upsampler_class)
-from ._kernel import normalized_kernel, fixup_kernel, spatial_dist2
-from ._range import range_logits_padded
+from ._kernel import fixup_kernel, normalized_kernel, spatial_dist2, stage_kernel
 from ._resize import bicubic_pad, pad2d
 
 __all__ = ["jbu", "spatial_kernel", "JointBilateralUpsampler", "JBUStack", "stage_sizes"]
@@ -95,23 +94,6 @@ def jbu(source: Tensor, guidance: Tensor, *, range_temp: Tensor | float, range_p
                           fixup_proj=fixup_proj, sigma_spatial=sigma_spatial, radius=radius)
     hr_pad = bicubic_pad(source, (H, W), radius)                # [B, C, H + 2r, W + 2r]
     return adaptive_conv(hr_pad, kernel.to(hr_pad.dtype).view(B, H, W, k, k))
-
-
-def stage_kernel(q_pad: Tensor, guidance: Tensor, *, range_temp, fixup_proj, sigma_spatial,
-                 radius: int) -> Tensor:
-    """The filters of one stage (spec section 2, steps 1-4), channels-last.
-
-    Args:
-        q_pad: ``Tensor[B, K, H + 2r, W + 2r]`` the keys, reflect-padded (or, for a row band of a
-            larger map, with the neighbouring rows as the row padding).
-        guidance: ``Tensor[B, G, H, W]`` the guidance at the output pixels.
-
-    Returns:
-        ``Tensor[B, H, W, k*k]`` float32 (float64 stays float64).
-    """
-    logits = range_logits_padded(q_pad, radius)                 # the kernel's own buffer
-    kernel = normalized_kernel(logits, range_temp, sigma_spatial, radius)
-    return fixup_kernel(kernel, guidance, fixup_proj)
 
 
 @register_upsampler_class
