@@ -58,6 +58,8 @@ def _load():
     try:
         return importlib.import_module("featup_adapters._C"), None
     except ImportError as exc:
+        # ModuleNotFoundError: no binary at all (a stale _build_info.py may remain from a build)
+        built = None if isinstance(exc, ModuleNotFoundError) else built
         if built and built != torch.__version__:
             return None, (f"featup_adapters._C was compiled against torch {built} but torch "
                           f"{torch.__version__} is installed and it does not load ({exc}); rebuild "
