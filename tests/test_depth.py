@@ -99,9 +99,9 @@ def test_probe_task_depth_through_the_cli_prints_one_table(tiny, tmp_path, capsy
 
 
 def test_probe_task_depth_refuses_other_data_and_steps_zero(tiny, capsys):
-    for extra, needle in ((["--data", "mosaic"], "expected --data rgbd for --task depth"),
-                          (["--steps", "0"], "expected --steps >= 1, got 0"),
-                          (["--lr", "0"], "expected --lr > 0, got 0.0")):
-        assert cli.main(["probe", "--task", "depth", "--backbone", NAME, "--upsampler", "none", *extra]) == 1
+    for extra, needle, code in ((["--data", "mosaic"], "expected --data rgbd for --task depth", 1),
+                                (["--steps", "0"], "--steps: expected an integer >= 1, got '0'", 2),
+                                (["--lr", "0"], "--lr: expected a finite number > 0, got '0'", 2)):
+        assert cli.main(["probe", "--task", "depth", "--backbone", NAME, "--upsampler", "none", *extra]) == code
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and needle in err, err

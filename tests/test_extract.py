@@ -185,8 +185,8 @@ def test_bad_inputs_fail_with_one_line_naming_them(tiny, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and needle in err, (inputs, err)
     assert cli.main(["upsample", str(tmp_path / "clash" / "x.png"), "--out", str(tmp_path / "o"),
-                     "--workers", "-1", *BASE]) == 1
-    assert "expected --workers >= 0, got -1" in capsys.readouterr().err
+                     "--workers", "-1", *BASE]) == 2                     # a usage error, like every bad number
+    assert "--workers: expected an integer >= 0, got '-1'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

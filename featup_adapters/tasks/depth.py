@@ -164,7 +164,7 @@ def depth_metrics(pred: Tensor, target: Tensor) -> Dict[str, float]:
 
 
 def depth_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data: Dataset, *,
-                upsampler: Union[None, str, nn.Module] = "auto", methods: Sequence[str] = METHODS,
+                upsampler: Union[None, str, nn.Module] = "auto", methods: Optional[Sequence[str]] = None,
                 layer: Optional[str] = None, steps: int = 300, batch_size: int = 8, lr: float = 1e-2,
                 device: Union[str, torch.device] = "cpu", seed: int = 0, progress: bool = False,
                 pretrained: Union[None, bool, str] = None) -> Dict[str, dict]:
@@ -182,7 +182,12 @@ def depth_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data: 
     import featup_adapters
     from featup_adapters.adapters import create_backbone
 
-    methods = [m for m in methods if not (m == "jbu" and upsampler is None)]
+    if methods is None:
+        methods = [m for m in METHODS if not (m == "jbu" and upsampler is None)]
+    methods = list(methods)
+    if "jbu" in methods and upsampler is None:
+        raise ValueError(f"methods {methods} include 'jbu' but upsampler=None: drop 'jbu' or pass the "
+                         "upsampler to probe")
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"expected methods among {list(METHODS)}, got {list(methods)}")
@@ -282,16 +287,22 @@ def run_depth_probe(args) -> int:
         raise ValueError(f"expected --lr > 0, got {lr}")
     import torch as _torch
 
-    device = args.device or ("cuda" if _torch.cuda.is_available() else "cpu")
+    device = args.device if args.device is not None else ("cuda" if _torch.cuda.is_available() else "cpu")
     photos = rgbd_photos()
     n_val = max(len(photos), args.depth_crops // 4)
     train = DepthCrops(args.depth_crops, args.image_size, "train", seed=args.seed, photos=photos)
     val = DepthCrops(n_val, args.image_size, "val", seed=args.seed, photos=photos)
     up = None if str(args.upsampler).lower() == "none" else args.upsampler
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.methods is None:
+        methods = None                       # all of METHODS (without jbu for --upsampler none)
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if "jbu" in methods and up is None:
+            raise ValueError(f"--methods {args.methods} includes jbu, but --upsampler none skips it: drop jbu "
+                             "from --methods or name the upsampler to probe")
     res = depth_probe(args.backbone, train, val, upsampler=up, methods=methods, layer=args.layer, steps=steps,
                       batch_size=args.batch_size, lr=lr, device=device, seed=args.seed, progress=True,
-                      pretrained=True if args.pretrained else None)
+                      pretrained=args.pretrained)
     print(f"depth probe on {', '.join(name for name, _, _ in photos)}: {len(train)} training crops, "
           f"{len(val)} validation crops of {args.image_size[0]}x{args.image_size[1]}, {steps} steps")
     print(f"{'method':<10} {'RMSE (m)':>9} {'delta<1.25':>11} {'abs rel':>8}")
