@@ -1,18 +1,27 @@
-"""JBU stack speed and peak memory: featup_adapters.JBUStack vs an unfold implementation of the spec.
+"""JBU stack speed and peak memory at every resolution, measured side by side in one run.
 
-    python benchmarks/jbu.py                 # CPU, the table of issue 3
-    python benchmarks/jbu.py --device cuda   # same cases on a GPU
-    python benchmarks/jbu.py --quick         # smaller maps, for a smoke test
+    python benchmarks/jbu.py                  # CPU: C=384 at 16x, outputs 224, 448, 1024, 2048
+    python benchmarks/jbu.py --sizes 224 448  # a subset
+    python benchmarks/jbu.py --device cuda    # the same cases on a GPU
+    python benchmarks/jbu.py --quick          # C=64, small maps: a smoke test
 
-Every (implementation, case) runs in its own child process, so peak memory is that case's alone:
-on CPU the child's peak resident set (``ru_maxrss``) minus its resident set just before the first
-forward ("extra"), on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before.
-Times are the median of ``--repeats`` runs after one warm-up run.
+For each output size, ``JBUStack(C).eval()`` forward under ``torch.no_grad()`` (random weights,
+source at 1/16 of the output) reports:
 
-"unfold" is spec sections 2-3 written the way FeatUp's code does it without its CUDA op: the key
-projection unfolded into [B, 32, 49, H, W] for the range kernel and the upsampled features into
-[B, C, 49, H, W] for the adaptive convolution.  Both implementations share the same weights, and
-the parent checks that their outputs agree.
+* first call (a fresh process's first forward) and warm forward (median of ``--repeats``);
+* ms per megapixel of output;
+* the rate counting the adaptive-convolution FLOPs alone (``2 C H W k^2`` per stage), and that
+  rate over the fp32 matmul rate (2048x2048 ``torch.mm``) measured in the same process just
+  before the case, so the ratio holds even when the machine's speed drifts;
+* peak extra memory (peak resident set minus the resident set before the first forward, on CUDA
+  ``max_memory_allocated`` minus what was allocated) over the output's bytes.
+
+Then forward+backward (training mode, dropout off, gradients for every parameter and the source)
+at 224 and 448 next to the forward, and FeatUp's unfold formulation (below) at 224 for the ratio;
+the parent checks the two implementations agree.  Every case runs in its own child process, so
+its peak memory is its own.  Targets (issue 11): conv-FLOP rate >= 35% of matmul at every size;
+ms/MP at 2048 <= 1.25x that at 224; peak extra <= 1.5x the output at 448 and above; first call
+<= 1.5x warm; forward+backward <= 3x forward; >= 10x faster than unfold.
 """
 from __future__ import annotations
 
@@ -30,15 +39,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-CASES = {
-    # name: (C, source size, output size, backward?)
-    "fwd 14->224": (384, 14, 224, False),
-    "fwd+bwd 28->448": (384, 28, 448, True),
-}
-QUICK = {
-    "fwd 14->224": (64, 7, 112, False),
-    "fwd+bwd 28->448": (64, 14, 224, True),
-}
+SIZES = (224, 448, 1024, 2048)
+BACKWARD_SIZES = (224, 448)
+UNFOLD_SIZE = 224
+C_FULL, C_QUICK = 384, 64
+QUICK_SIZES = (64, 128)
 
 
 # ---------------------------------------------------------------------------------------- unfold
@@ -76,21 +81,42 @@ def unfold_stack(p, source, image):
 
 
 # ----------------------------------------------------------------------------------------- child
-def _rss_kb() -> int:
+def _rss() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(impl: str, case: str, device: str, repeats: int, quick: bool, out_path: str) -> dict:
+def matmul_gflops(device: str, repeats: int = 5) -> float:
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a @ b
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+def conv_flops(stack, C: int, h: int, H: int) -> int:
+    k = 2 * stack.radius + 1
+    return sum(2 * C * s[0] * s[1] * k * k for _, s in stack.stage_plan((h, h), (H, H)))
+
+
+def child(impl: str, mode: str, C: int, H: int, device: str, repeats: int, out_path: str) -> dict:
     import warnings
     warnings.filterwarnings("ignore")
     from featup_adapters import ops
     from featup_adapters.upsamplers import JBUStack
-    C, h, H, backward = (QUICK if quick else CASES)[case]
+    backward = mode == "fwd+bwd"
+    h = H // 16
     torch.manual_seed(0)
     stack = JBUStack(C).to(device)
     with torch.no_grad():                      # non-trivial weights, the same for both impls
-        for name, t in stack.named_parameters():
+        for _, t in stack.named_parameters():
             t.add_(torch.randn_like(t) * (0.3 if t.dim() else 0.2))
     stack.train(backward).requires_grad_(backward)
     if backward:                                # dropout off so both impls compute the same thing
@@ -101,56 +127,56 @@ def child(impl: str, case: str, device: str, repeats: int, quick: bool, out_path
     source = torch.randn(1, C, h, h, device=device, requires_grad=backward)
     image = torch.randn(1, 3, H, H, device=device)
     grad_out = torch.randn(1, C, H, H, device=device) if backward else None
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    mm = matmul_gflops(device)
 
     def run():
-        if impl == "ours":
-            out = stack(source, image)
-        else:
-            out = unfold_stack(params, source, image)
+        out = stack(source, image) if impl == "ours" else unfold_stack(params, source, image)
         if backward:
             out.backward(grad_out)
+        sync()
         return out
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    if device.startswith("cuda"):
+    if cuda:
         sync()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = _rss_kb() * 1024
-    ctx = torch.enable_grad() if backward else torch.no_grad()
+        base = _rss()
     times = []
-    with ctx:
+    with torch.enable_grad() if backward else torch.no_grad():
         for i in range(repeats + 1):
             stack.zero_grad(set_to_none=True)
             source.grad = None
             t0 = time.perf_counter()
             out = run()
-            sync()
-            if i:
-                times.append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
             if i < repeats:
                 del out
-    if device.startswith("cuda"):
-        peak_total = torch.cuda.max_memory_allocated()
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
     else:
-        peak_total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if out_path:
         torch.save(out.detach().float().cpu(), out_path)
-    return {"impl": impl, "case": case, "median_s": statistics.median(times), "min_s": min(times),
-            "peak_extra": peak_total - base, "peak_total": peak_total,
+    warm = times[1:] or times
+    return {"impl": impl, "mode": mode, "C": C, "H": H, "first_s": times[0],
+            "warm_s": statistics.median(warm), "min_s": min(warm),
+            "conv_flops": conv_flops(stack, C, h, H), "matmul_gflops": mm,
+            "peak_extra": peak - base, "out_bytes": out.numel() * out.element_size(),
             "backend": str(ops.backend(device)), "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------------------- parent
-def _run_child(impl, case, args, out_path) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, case, "--device", args.device,
-           "--repeats", str(args.repeats), "--out", out_path] + (["--quick"] if args.quick else [])
+def _run_child(impl, mode, C, H, args, out_path) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, mode, str(C), str(H),
+           "--device", args.device, "--repeats", str(args.repeats), "--out", out_path]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         why = "killed (out of memory?)" if proc.returncode < 0 else tail[0]
-        return {"impl": impl, "case": case, "error": f"exit {proc.returncode}: {why}"}
+        return {"impl": impl, "mode": mode, "C": C, "H": H, "error": f"exit {proc.returncode}: {why}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -165,59 +191,119 @@ def _loadavg() -> str:
         return "n/a"
 
 
+def _machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return name
+
+
+def render(rows: list[dict], backward: list[dict], unfold: dict | None, ours_unfold: dict | None) -> str:
+    out = ["| output | first call | warm | first / warm | ms per MP | conv GFLOP/s | % of matmul "
+           "| peak extra | extra / output |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base_mp = None
+    for r in rows:
+        label = f"{r['H']}x{r['H']}"
+        if "error" in r:
+            out.append(f"| {label} | {r['error']} | | | | | | | |")
+            continue
+        mp = r["H"] ** 2 / 1e6
+        ms_mp = r["warm_s"] * 1e3 / mp
+        base_mp = base_mp or ms_mp
+        rate = r["conv_flops"] / r["warm_s"] / 1e9
+        out.append(f"| {label} | {r['first_s']:.2f} s | {r['warm_s'] * 1e3:.0f} ms | "
+                   f"{r['first_s'] / r['warm_s']:.2f}x | {ms_mp:.0f} ({ms_mp / base_mp:.2f}x) | "
+                   f"{rate:.1f} | {100 * rate / r['matmul_gflops']:.0f}% of "
+                   f"{r['matmul_gflops']:.0f} | {_gb(r['peak_extra'])} | "
+                   f"{r['peak_extra'] / r['out_bytes']:.2f}x |")
+    if backward:
+        out += ["", "| output | forward | forward+backward | ratio | peak extra (fwd+bwd) |",
+                "|---|---:|---:|---:|---:|"]
+        fwd = {r["H"]: r for r in rows if "error" not in r}
+        for b in backward:
+            label = f"{b['H']}x{b['H']}"
+            if "error" in b:
+                out.append(f"| {label} | | {b['error']} | | |")
+                continue
+            f = fwd.get(b["H"])
+            ratio = f"{b['warm_s'] / f['warm_s']:.2f}x" if f else "n/a"
+            fms = f"{f['warm_s'] * 1e3:.0f} ms" if f else "n/a"
+            out.append(f"| {label} | {fms} | {b['warm_s'] * 1e3:.0f} ms | {ratio} | "
+                       f"{_gb(b['peak_extra'])} |")
+    if unfold is not None:
+        out.append("")
+        if "error" in unfold or ours_unfold is None or "error" in ours_unfold:
+            out.append(f"unfold implementation at {UNFOLD_SIZE}: {unfold.get('error', 'n/a')}")
+        else:
+            out.append(f"unfold implementation (FeatUp's formulation) at {unfold['H']}x{unfold['H']}: "
+                       f"{unfold['warm_s'] * 1e3:.0f} ms, peak extra {_gb(unfold['peak_extra'])}; "
+                       f"ours {unfold['warm_s'] / ours_unfold['warm_s']:.1f}x faster with "
+                       f"{ours_unfold['peak_extra'] / max(unfold['peak_extra'], 1):.3f}x the memory, "
+                       f"max |diff| {unfold.get('max_abs_diff', float('nan')):.1e}")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="smaller maps (smoke test)")
-    ap.add_argument("--unfold-backward", action="store_true",
-                    help="also run the unfold implementation forward+backward at 448 (needs ~40 GB)")
-    ap.add_argument("--child", nargs=2, metavar=("IMPL", "CASE"), help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", type=int, nargs="+", default=None,
+                    help=f"output sizes (default {' '.join(map(str, SIZES))})")
+    ap.add_argument("--channels", type=int, default=None, help=f"C (default {C_FULL})")
+    ap.add_argument("--no-backward", action="store_true", help="skip the forward+backward rows")
+    ap.add_argument("--no-unfold", action="store_true", help="skip the unfold comparison")
+    ap.add_argument("--quick", action="store_true", help="C=64, outputs 64 and 128 (smoke test)")
+    ap.add_argument("--json", default="", help="also write the raw results here")
+    ap.add_argument("--child", nargs=4, metavar=("IMPL", "MODE", "C", "H"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats: expected at least 1, got {args.repeats}")
     if args.child:
-        print(json.dumps(child(*args.child, args.device, args.repeats, args.quick, args.out)))
+        impl, mode, C, H = args.child
+        print(json.dumps(child(impl, mode, int(C), int(H), args.device, args.repeats, args.out)))
         return 0
+    C = args.channels or (C_QUICK if args.quick else C_FULL)
+    sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+    bad = [s for s in sizes if s < 16 or s % 16]
+    if bad:
+        ap.error(f"--sizes: expected multiples of 16 (the source is 1/16 of the output), got {bad}")
+    bwd_sizes = [] if args.no_backward else [s for s in sizes if s in BACKWARD_SIZES or args.quick]
+    unfold_size = None if args.no_unfold else (min(sizes) if args.quick else
+                                               UNFOLD_SIZE if UNFOLD_SIZE in sizes else None)
 
     from featup_adapters import ops
-    print(f"# JBU stack benchmark: torch {torch.__version__}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, device {args.device}")
+    print(f"# JBU stack benchmark, {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, "
+          f"{_machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+          f"device {args.device}, C={C}, 16x, B=1, float32")
     print(f"# adaptive_conv backend: {ops.backend(args.device)}")
-    print(f"# load average before: {_loadavg()}")
-    rows = []
+    print(f"# load average before: {_loadavg()}", flush=True)
+    rows, backward, unfold, ours_unfold = [], [], None, None
     with tempfile.TemporaryDirectory() as tmp:
-        for case, (C, h, H, backward) in (QUICK if args.quick else CASES).items():
-            res = {}
-            for impl in ("ours", "unfold"):
-                if impl == "unfold" and backward and not args.unfold_backward:
-                    res[impl] = {"impl": impl, "case": case, "error": "skipped: the unfold "
-                                 "forward+backward at this size needs far more memory than the "
-                                 "machine (run with --unfold-backward to try)"}
-                    continue
-                res[impl] = _run_child(impl, case, args, os.path.join(tmp, f"{impl}.pt"))
-            if "error" not in res["ours"] and "error" not in res["unfold"]:
-                a = torch.load(os.path.join(tmp, "ours.pt"))
-                b = torch.load(os.path.join(tmp, "unfold.pt"))
-                res["ours"]["max_abs_diff"] = (a - b).abs().max().item()
-            rows.append((case, C, h, H, res))
+        for H in sizes:
+            keep = os.path.join(tmp, "ours.pt") if H == unfold_size else ""
+            rows.append(_run_child("ours", "fwd", C, H, args, keep))
+            if H == unfold_size and "error" not in rows[-1]:
+                ours_unfold = rows[-1]
+                unfold = _run_child("unfold", "fwd", C, H, args, os.path.join(tmp, "unfold.pt"))
+                if "error" not in unfold:
+                    a = torch.load(os.path.join(tmp, "ours.pt"))
+                    b = torch.load(os.path.join(tmp, "unfold.pt"))
+                    unfold["max_abs_diff"] = (a - b).abs().max().item()
+            if H in bwd_sizes:
+                backward.append(_run_child("ours", "fwd+bwd", C, H, args, ""))
     print(f"# load average after: {_loadavg()}\n")
-    print("| case | impl | time (median) | peak memory (extra) | peak process | vs unfold |")
-    print("|---|---|---|---|---|---|")
-    for case, C, h, H, res in rows:
-        label = f"{case} (C={C}, {h}x{h} -> {H}x{H}, B=1)"
-        for impl in ("ours", "unfold"):
-            r = res[impl]
-            if "error" in r:
-                print(f"| {label} | {impl} | {r['error']} | | | |")
-                continue
-            cmp = ""
-            u = res["unfold"]
-            if impl == "ours" and "error" not in u:
-                cmp = (f"{u['median_s'] / r['median_s']:.1f}x faster, "
-                       f"{r['peak_extra'] / max(u['peak_extra'], 1):.3f}x memory, "
-                       f"max |diff| {r.get('max_abs_diff', float('nan')):.1e}")
-            print(f"| {label} | {impl} | {r['median_s'] * 1e3:.0f} ms | {_gb(r['peak_extra'])} | "
-                  f"{_gb(r['peak_total'])} | {cmp} |")
+    print(render(rows, backward, unfold, ours_unfold))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"forward": rows, "backward": backward, "unfold": unfold}, f, indent=1)
     return 0
 
 
