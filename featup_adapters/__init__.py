@@ -18,6 +18,7 @@ _LAZY = {
     "jbu": ".upsamplers",
     "JointBilateralUpsampler": ".upsamplers",
     "JBUStack": ".upsamplers",
+    "UniversalJBUStack": ".upsamplers",
     "load_featup_checkpoint": ".hub",
     "load_upsampler": ".hub",
     "wrap": ".neck",
@@ -27,6 +28,7 @@ _LAZY = {
     "create_backbone": ".adapters",
     "Layer": ".adapters",
     "train_upsampler": ".training",
+    "train_universal": ".training",
     "fit_implicit": ".training",
 }
 _SUBMODULES = {"ops", "upsamplers", "adapters", "hub", "neck", "training", "viz", "tasks", "cli",

@@ -5,7 +5,7 @@
     featup-adapters cam photo.jpg --class "tabby"     # class activation maps, low-res vs upsampled
     featup-adapters list                              # backbones, adapters, upsamplers, op backends
     featup-adapters bench --quick                     # the op and JBU benchmarks
-    featup-adapters train / fit-implicit / finetune-seg ...   (mounted from their packages)
+    featup-adapters train / train-universal / fit-implicit / finetune-seg ...   (mounted from their packages)
 
 Every failure exits with a non-zero code and ONE line on stderr (``featup-adapters CMD: error:
 ...``); ``--debug`` anywhere on the line adds the traceback.  ``main(argv) -> int`` never raises
@@ -27,6 +27,7 @@ from ._validate import non_empty_str, non_negative_int, positive_int
 # a module that is missing or fails to import leaves its commands out, never the whole CLI.
 _MOUNTED = (
     ("featup_adapters.training.cli", "add_train_parser"),
+    ("featup_adapters.training.cli", "add_train_universal_parser"),
     ("featup_adapters.training.cli", "add_fit_implicit_parser"),
     ("featup_adapters.tasks.cli", "add_finetune_seg_parser"),
     ("featup_adapters.tasks.cli", "add_probe_parser"),
@@ -34,6 +35,8 @@ _MOUNTED = (
 )
 _MOUNTED_EXAMPLES = {
     "train": f"{PROG} train --backbone timm:resnet18 --data photos/ --steps 2000 --out runs/r18",
+    "train-universal": f"{PROG} train-universal --backbone efficientnet_lite0 --backbone efficientnet_lite1 "
+                       f"--data photos/ --steps 4000 --out runs/universal",
     "fit-implicit": f"{PROG} fit-implicit cat.jpg --backbone efficientnet_lite0 --out feats.pt --steps 300",
     "finetune-seg": f"{PROG} finetune-seg --data mosaic --steps 200 --out runs/seg",
     "probe": f"{PROG} probe --data mosaic --methods lowres,bilinear,jbu",
@@ -97,8 +100,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, upsampler_default: str = "aut
                         "cached; --no-pretrained builds it at random init)")
     p.add_argument("--layer", default=None, help="module whose output is upsampled (default: the adapter's)")
     p.add_argument("--upsampler", default=upsampler_default, metavar="NAME|DIR",
-                   help="'auto' (the one registered for the backbone), a registered name, a saved "
-                        "directory, a FeatUp checkpoint, or bilinear/bicubic (default: %(default)s)")
+                   help="'auto' (the one registered for the backbone), 'universal' (the shipped "
+                        "upsampler for any backbone), a registered name, a saved directory, a FeatUp "
+                        "checkpoint, or bilinear/bicubic (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
 
 
@@ -281,6 +285,12 @@ def run_list(args) -> int:
                    f"norm {'yes' if e.get('use_norm') else 'no ':<3}  for {ids}")
         if where == "local":
             out.append(f"  {'':<24} {src}")
+    universal = hub.universal_weights_dir()
+    shipped = (universal / "config.json").is_file()
+    out.append(f"  {hub.UNIVERSAL_NAME:<24} {'local' if shipped else 'not shipped':<20} dim any   "
+               f"norm {'(config)' if shipped else '-'}  for any backbone")
+    if shipped:
+        out.append(f"  {'':<24} {universal}")
     out.append("Op backend (adaptive_conv) per device:")
     import torch
 

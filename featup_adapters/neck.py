@@ -394,7 +394,8 @@ def wrap(backbone: Union[str, nn.Module], upsampler: Union[str, nn.Module] = "au
             spec string: ``"timm:NAME"``, ``"hf:ID"``, ``"open_clip:NAME"``, a registered name.
         upsampler: ``"auto"`` (the registered pretrained upsampler for this backbone; an error says how
             to train one if none is known), ``"bilinear"`` / ``"bicubic"`` / ``"nearest"`` baselines,
-            ``"jbu"`` (a fresh, untrained JBU stack), a directory or registered name for
+            ``"jbu"`` (a fresh, untrained JBU stack), ``"universal"`` (the shipped channel-agnostic
+            ``UniversalJBUStack``, for any backbone), a directory or registered name for
             ``featup_adapters.hub.load_upsampler``, or a module.
         layer: module whose output to upsample (name or :class:`~featup_adapters.adapters.Layer`);
             None = the adapter's default, the last spatial features.

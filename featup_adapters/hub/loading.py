@@ -18,14 +18,36 @@ from .._format import CONFIG_NAME, CheckpointError, as_directory, load_saved
 from ..upsamplers import UPSAMPLER_CLASSES, make_upsampler
 from .featup import load_featup_checkpoint
 from .download import is_url
-from .registry import _REGISTRY, BASELINE_NAMES, PretrainedUpsampler, normalize_backbone_id
+from .registry import (_REGISTRY, BASELINE_NAMES, UNIVERSAL_ENV, UNIVERSAL_NAME, PretrainedUpsampler,
+                       normalize_backbone_id, universal_weights_dir)
 
-__all__ = ["load_upsampler", "load_saved_upsampler", "check_compatible",
-           "IncompatibleUpsamplerError"]
+__all__ = ["load_upsampler", "load_saved_upsampler", "load_universal", "check_compatible",
+           "IncompatibleUpsamplerError", "UniversalWeightsMissing"]
 
 
 class IncompatibleUpsamplerError(ValueError):
     """An upsampler whose channel count or backbone does not match the features it is given."""
+
+
+class UniversalWeightsMissing(CheckpointError):
+    """``"universal"`` was asked for, but no universal upsampler is saved where it is looked for."""
+
+
+def load_universal(*, map_location="cpu") -> nn.Module:
+    """The shipped channel-agnostic upsampler (``UniversalJBUStack``) from
+    ``registry.universal_weights_dir()``, in eval mode, for features of any backbone."""
+    directory = universal_weights_dir()
+    if not (directory / CONFIG_NAME).is_file():
+        raise UniversalWeightsMissing(
+            f"the universal upsampler's weights are not shipped in this build (no saved upsampler at "
+            f"{directory}); train them with `featup-adapters train-universal --backbone A --backbone B "
+            f"--data <images> --out <dir>` and pass upsampler='<dir>', or set {UNIVERSAL_ENV}=<dir>")
+    up = load_saved_upsampler(directory, map_location=map_location)
+    if not getattr(up, "universal", False):
+        raise CheckpointError(f"{directory} holds a {type(up).__name__}, not a universal upsampler "
+                              f"(UniversalJBUStack) for features of any channel count")
+    up.config = {**(getattr(up, "config", None) or {}), "name": UNIVERSAL_NAME}
+    return up
 
 
 def load_saved_upsampler(directory, *, map_location="cpu") -> nn.Module:
@@ -50,6 +72,8 @@ def load_upsampler(dir_or_name, *, map_location="cpu", progress: bool = True) ->
         raise TypeError(f"load_upsampler: expected a name, a path or a URL, got "
                         f"{type(dir_or_name).__name__}")
     as_directory(key)                       # refuses "" (which would be the current folder)
+    if key == UNIVERSAL_NAME:
+        return load_universal(map_location=map_location)
     if key in _REGISTRY:
         return _load_entry(_REGISTRY[key], map_location, progress)
     if key.lower() in BASELINE_NAMES:
@@ -105,7 +129,9 @@ def check_compatible(upsampler: nn.Module, *, dim: int | None = None,
                      backbone_id: str | None = None) -> None:
     """Raise IncompatibleUpsamplerError if ``upsampler`` expects another channel count than
     ``dim`` or was trained for another backbone than ``backbone_id``; the message names both.
-    Upsamplers without a channel count (baselines) or without a recorded backbone pass."""
+    Upsamplers without a channel count (baselines) or without a recorded backbone pass, and so
+    do universal ones (``upsampler.universal``, e.g. ``UniversalJBUStack``): they are meant for
+    backbones they never saw."""
     cfg = getattr(upsampler, "config", None) or {}
     name = cfg.get("name") or cfg.get("path") or type(upsampler).__name__
     up_dim = getattr(upsampler, "dim", None) or cfg.get("dim")
@@ -114,7 +140,7 @@ def check_compatible(upsampler: nn.Module, *, dim: int | None = None,
             f"upsampler {name} expects {up_dim}-channel features, but backbone "
             f"{backbone_id or '(unnamed)'} gives {dim} channels")
     ids = [i for i in [cfg.get("backbone_id"), *(cfg.get("compatible_backbones") or [])] if i]
-    if backbone_id is not None and ids:
+    if backbone_id is not None and ids and not getattr(upsampler, "universal", False):
         if normalize_backbone_id(backbone_id) not in {normalize_backbone_id(i) for i in ids}:
             raise IncompatibleUpsamplerError(
                 f"upsampler {name} was trained for backbone {' / '.join(ids)}, but the wrapped "

@@ -6,6 +6,9 @@
   / ``list_upsamplers()``.
 * Directories ``featup_adapters/weights/<name>/`` that hold a saved upsampler are registered under
   ``<name>`` (kind ``"local"``) when this module is imported.
+* The name ``"universal"`` is reserved: ``load_upsampler("universal")`` reads the channel-agnostic
+  ``UniversalJBUStack`` from :func:`universal_weights_dir` (``featup_adapters/weights/universal/``,
+  or the folder named by the environment variable ``FEATUP_ADAPTERS_UNIVERSAL_WEIGHTS``).
 
 Backbone ids are compared case-insensitively, with a leading ``hf-hub:`` dropped; they read like
 ``timm/vit_small_patch16_224.dino`` (also the model's Hugging Face Hub id), ``facebook/dinov2-small``
@@ -14,6 +17,7 @@ Backbone ids are compared case-insensitively, with a leading ``hf-hub:`` dropped
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +27,22 @@ from .download import is_url
 
 __all__ = ["PRETRAINED", "PretrainedUpsampler", "FEATUP_URL", "WEIGHTS_DIR", "BASELINE_NAMES",
            "register_upsampler", "unregister_upsampler", "pretrained_for", "list_upsamplers",
-           "normalize_backbone_id"]
+           "normalize_backbone_id", "UNIVERSAL_NAME", "UNIVERSAL_ENV", "universal_weights_dir"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 FEATUP_URL = ("https://marhamilresearch4.blob.core.windows.net/feature-upsampling-public/"
               "pretrained/{exp_dir}{name}_jbu_stack_cocostuff.ckpt")
 BASELINE_NAMES = ("bilinear", "bicubic", "nearest")
+UNIVERSAL_NAME = "universal"
+UNIVERSAL_ENV = "FEATUP_ADAPTERS_UNIVERSAL_WEIGHTS"
+UNIVERSAL_DIR = WEIGHTS_DIR / UNIVERSAL_NAME
+
+
+def universal_weights_dir() -> Path:
+    """Where ``"universal"`` is read from: ``$FEATUP_ADAPTERS_UNIVERSAL_WEIGHTS`` when set and
+    non-empty, else ``UNIVERSAL_DIR`` (``featup_adapters/weights/universal``); read at each call."""
+    env = os.environ.get(UNIVERSAL_ENV, "").strip()
+    return Path(env).expanduser() if env else Path(UNIVERSAL_DIR)
 
 
 def normalize_backbone_id(backbone_id: str) -> str:
@@ -106,6 +120,9 @@ def register_upsampler(name: str, source, *, backbone_id: str | Sequence[str] | 
         raise ValueError(f"register_upsampler: expected a non-empty name, got {name!r}")
     if name in BASELINE_NAMES:
         raise ValueError(f"register_upsampler: {name!r} is reserved for the baseline upsampler")
+    if name == UNIVERSAL_NAME:
+        raise ValueError(f"register_upsampler: {name!r} is reserved for the shipped universal upsampler "
+                         f"(set {UNIVERSAL_ENV} to load another folder under that name)")
     src = str(source)
     if not src.strip():
         raise ValueError(f"register_upsampler({name!r}): expected a source (a saved directory, a "
@@ -161,7 +178,7 @@ def _register_shipped_weights(directory=None) -> None:
     if not directory.is_dir():
         return
     for d in sorted(directory.iterdir()):
-        if d.is_dir() and (d / CONFIG_NAME).is_file():
+        if d.name != UNIVERSAL_NAME and d.is_dir() and (d / CONFIG_NAME).is_file():
             try:
                 register_upsampler(d.name, d, overwrite=True, _kind="local")
             except CheckpointError as exc:

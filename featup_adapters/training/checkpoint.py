@@ -50,8 +50,9 @@ def resolve_resume(resume: str | os.PathLike) -> Path:
     return p
 
 
-def load_checkpoint(path: str | os.PathLike, *, backbone_id: str, layer, feature_dim: int) -> dict:
-    """Load a training checkpoint and check it belongs to this backbone, layer and width."""
+def read_checkpoint(path: str | os.PathLike, fmt: str = FORMAT) -> tuple[Path, dict]:
+    """``(file, checkpoint dict)`` for a checkpoint file or training folder, read weights-only; a
+    file of another format than ``fmt`` is refused."""
     path = resolve_resume(path)
     from ..hub import safe_torch_load
 
@@ -59,10 +60,16 @@ def load_checkpoint(path: str | os.PathLike, *, backbone_id: str, layer, feature
         ckpt = safe_torch_load(path, map_location="cpu", metadata_stand_ins=False)
     except CheckpointError as exc:
         raise CheckpointError(f"--resume: {exc}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"--resume: {str(path)!r} is not a featup_adapters training checkpoint "
-                                  f"(expected format {FORMAT!r}, found {found!r})")
+                                  f"(expected format {fmt!r}, found {found!r})")
+    return path, ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, *, backbone_id: str, layer, feature_dim: int) -> dict:
+    """Load a training checkpoint and check it belongs to this backbone, layer and width."""
+    path, ckpt = read_checkpoint(path)
     theirs = (ckpt.get("backbone_id"), ckpt.get("layer"), ckpt.get("feature_dim"))
     ours = (backbone_id, layer, feature_dim)
     if theirs != ours:

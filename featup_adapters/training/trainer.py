@@ -147,6 +147,24 @@ def _normalize(images: Tensor, mean, std) -> Tensor:
     return (images - m) / s
 
 
+def _step_loss(model, feats, x: Tensor, *, dim: int, hr_size, d: int, n_jitters: int, max_pad: int,
+               max_zoom: float, random_projection: int, amp, generator: torch.Generator) -> Tensor:
+    """The multi-view loss of one step on the normalized batch ``x``: the low-res features and
+    ``n_jitters`` jittered targets (no grad), a random projection, then ``model`` (a
+    :class:`MultiViewObjective` or its DDP wrapper).  ``generator`` is drawn from in this order:
+    the jitters, the projection, the CRF pixels."""
+    dev = x.device
+    with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=amp == "bf16"):
+        lowres = feats(x)
+        views = []
+        for _ in range(n_jitters):
+            t = sample_jitter(hr_size, max_pad // d, max_zoom, generator=generator)
+            views.append((t, feats(t.scaled(d)(x))))
+    proj = _random_projection(dim, random_projection, generator=generator, device=dev)
+    with torch.autocast(dev.type, torch.bfloat16, enabled=amp == "bf16"):
+        return model(lowres, x, views, proj, d, crf_generator=generator)
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -337,15 +355,9 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
             imgs = torch.stack([dataset.get(i, g) for i in
                                 order.batch(step, dist.rank, dist.world_size, batch_size)]).to(dev)
             x = _normalize(imgs, src.mean, src.std)
-            with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=amp == "bf16"):
-                lowres = feats(x)
-                views = []
-                for _ in range(n_jitters):
-                    t = sample_jitter(hr_size, max_pad // d, max_zoom, generator=g)
-                    views.append((t, feats(t.scaled(d)(x))))
-            proj = _random_projection(dim, random_projection, generator=g, device=dev)
-            with torch.autocast(dev.type, torch.bfloat16, enabled=amp == "bf16"):
-                loss = model(lowres, x, views, proj, d, crf_generator=g)
+            loss = _step_loss(model, feats, x, dim=dim, hr_size=hr_size, d=d, n_jitters=n_jitters,
+                              max_pad=max_pad, max_zoom=max_zoom,
+                              random_projection=random_projection, amp=amp, generator=g)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}")
             optim.zero_grad(set_to_none=True)

@@ -11,9 +11,10 @@ from torch import nn
 from ._base import UPSAMPLER_CLASSES, UpsamplerMixin, register_upsampler_class
 from .baselines import BASELINES, InterpolateUpsampler
 from .jbu import JBUStack, JointBilateralUpsampler, jbu, spatial_kernel, stage_sizes
+from .universal import UniversalJBUStack
 
 __all__ = ["jbu", "spatial_kernel", "stage_sizes", "JointBilateralUpsampler", "JBUStack",
-           "InterpolateUpsampler", "make_upsampler", "UpsamplerMixin", "register_upsampler_class",
+           "UniversalJBUStack", "InterpolateUpsampler", "make_upsampler", "UpsamplerMixin", "register_upsampler_class",
            "UPSAMPLER_CLASSES", "KINDS"]
 
 KINDS = ("jbu", *BASELINES)

@@ -247,8 +247,7 @@ class JBUStack(UpsamplerMixin, nn.Module):
     def __init__(self, dim: int, *, guidance_dim: int = 3, key_dim: int = 32, radius: int = 3,
                  num_stages: int = 4, max_memory=None, out_dtype: torch.dtype | None = None):
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"JBUStack: expected a positive channel count dim, got {dim!r}")
+        dim = self._check_dim(dim)
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"JBUStack: expected num_stages >= 1, got {num_stages!r}")
         check_channels("guidance_dim", guidance_dim, "JBUStack")
@@ -259,10 +258,22 @@ class JBUStack(UpsamplerMixin, nn.Module):
         for i in range(1, num_stages + 1):
             self.add_module(f"up{i}", JointBilateralUpsampler(guidance_dim=guidance_dim, key_dim=key_dim,
                                                               radius=radius))
-        self.fixup_proj = nn.Sequential(nn.Dropout2d(0.2), nn.Conv2d(dim, dim, kernel_size=1))
+        self.fixup_proj = self._make_fixup(dim)
         self.config = {}
         _tiling.parse_max_memory(max_memory)            # refused here if malformed
         self.max_memory, self.out_dtype = max_memory, out_dtype
+
+    def _check_dim(self, dim):
+        """The channel count the stack is built for (subclasses without a per-channel fixup
+        override this and ``_make_fixup``)."""
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"JBUStack: expected a positive channel count dim, got {dim!r}")
+        return dim
+
+    def _make_fixup(self, dim) -> nn.Module | None:
+        """FeatUp's final ``Sequential(Dropout2d(0.2), Conv2d(dim, dim, 1))``; None = no fixup
+        (``out = A(source)``, fused and tiled like the linear fixup)."""
+        return nn.Sequential(nn.Dropout2d(0.2), nn.Conv2d(dim, dim, kernel_size=1))
 
     def init_kwargs(self) -> dict:
         return {"dim": self.dim, "guidance_dim": self.guidance_dim, "key_dim": self.key_dim,
@@ -289,26 +300,28 @@ class JBUStack(UpsamplerMixin, nn.Module):
         (``_tiling``); when even that cannot fit, a ``MemoryBudgetError`` (a ``MemoryError``)
         names the estimate and the budget before anything large is allocated.
         """
+        who = type(self).__name__
         check_4d("guidance", guidance, f"[B, {self.guidance_dim}, H, W]")
         H, W = check_upsampler_inputs(source, guidance, output_size,
-                                      guidance_dim=self.guidance_dim, dim=self.dim,
-                                      who="JBUStack")
-        check_input_dtypes(source, guidance, self.up1.range_temp, "JBUStack")
+                                      guidance_dim=self.guidance_dim, dim=self.dim, who=who)
+        check_input_dtypes(source, guidance, self.up1.range_temp, who)
         out_dtype = out_dtype if out_dtype is not None else self.out_dtype
         if out_dtype is not None and (not isinstance(out_dtype, torch.dtype)
                                       or not out_dtype.is_floating_point):
-            raise TypeError(f"JBUStack: expected out_dtype as a floating torch.dtype, got "
+            raise TypeError(f"{who}: expected out_dtype as a floating torch.dtype, got "
                             f"{out_dtype!r}")
         out_dtype = out_dtype or source.dtype
         budget = _tiling.parse_max_memory(max_memory if max_memory is not None
                                           else self.max_memory)
         plan = self.stage_plan(source.shape[-2:], (H, W))
-        fused = _is_linear_fixup(self.fixup_proj)
+        fixup = self.fixup_proj                 # None: no final fixup (e.g. UniversalJBUStack)
+        fused = fixup is None or _is_linear_fixup(fixup)
+        bias = fixup[1].bias if fixup is not None and fused else None
         grad = torch.is_grad_enabled() and (
             source.requires_grad or guidance.requires_grad
             or any(p.requires_grad for p in self.parameters()))
         est = _tiling.estimate_bytes(
-            source.shape[0], self.dim, [s for _, s in plan], tuple(source.shape[-2:]),
+            source.shape[0], source.shape[1], [s for _, s in plan], tuple(source.shape[-2:]),
             radius=self.radius, key_dim=self.key_dim, guidance_dim=self.guidance_dim,
             elem=source.element_size(), out_elem=torch.empty((), dtype=out_dtype).element_size(),
             grad=grad)
@@ -324,22 +337,21 @@ class JBUStack(UpsamplerMixin, nn.Module):
             how = ("with autograd (training keeps every stage's maps)" if grad else
                    "even in row bands" if tile else "(this fixup_proj cannot be tiled)")
             raise _tiling.MemoryBudgetError(
-                f"JBUStack: upsampling {list(source.shape)} to {H}x{W} needs about "
+                f"{who}: upsampling {list(source.shape)} to {H}x{W} needs about "
                 f"{_tiling.gb(need)} {how} (the output alone is {_tiling.gb(est.output)}), but "
                 f"{told} is {_tiling.gb(budget)}; ask for a smaller output size, a 16-bit "
                 f"out_dtype, or a larger max_memory")
         x = source
-        if fused:
+        if fused and fixup is not None:
             # the final fixup at the source: x + 0.1 (W x + b) with x = A(s) equals
             # A(s + 0.1 W s) + 0.1 b (module docstring); the bias is added at the end
-            drop, conv = self.fixup_proj[0], self.fixup_proj[1]
+            drop, conv = fixup[0], fixup[1]
             x = source + 0.1 * F.conv2d(drop(source), conv.weight)
         if tile:
             sizes = [s for _, s in plan]
             guides = [F.adaptive_avg_pool2d(guidance, s) for s in sizes]
-            out = torch.empty((source.shape[0], self.dim, H, W), dtype=out_dtype,
+            out = torch.empty((source.shape[0], source.shape[1], H, W), dtype=out_dtype,
                               device=source.device)
-            bias = self.fixup_proj[1].bias
             return _tiling.tiled_forward(
                 [getattr(self, n) for n, _ in plan], x, guides, sizes, radius=self.radius,
                 band_rows=est.band_rows(budget, H), out=out,
@@ -347,9 +359,9 @@ class JBUStack(UpsamplerMixin, nn.Module):
         for name, size in plan:
             x = getattr(self, name)(x, F.adaptive_avg_pool2d(guidance, size))
         if not fused:
-            x = x + 0.1 * self.fixup_proj(x)
-        elif self.fixup_proj[1].bias is not None:
-            bias = (0.1 * self.fixup_proj[1].bias).view(1, -1, 1, 1).to(x.dtype)
+            x = x + 0.1 * fixup(x)
+        elif bias is not None:
+            bias = (0.1 * bias).view(1, -1, 1, 1).to(x.dtype)
             # in place: no stage's backward needs its output
             x = x.add_(bias) if plan else x + bias
         return x.to(out_dtype)
