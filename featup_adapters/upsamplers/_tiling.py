@@ -46,6 +46,10 @@ def available_memory(device: torch.device | str | None = None) -> int:
     allocator holds unused; on CPU ``MemAvailable`` of ``/proc/meminfo`` (else the free pages)."""
     device = torch.device(device if device is not None else "cpu")
     if device.type == "cuda":
+        if not torch.cuda.is_available():    # e.g. fake CUDA tensors (tracing) on a CPU machine
+            raise RuntimeError(f"cannot measure the memory available on {device}: no CUDA device "
+                               f"is available (fake or traced CUDA tensors?); pass max_memory= "
+                               f"(bytes or a string like '8GB') explicitly")
         free, _ = torch.cuda.mem_get_info(device)
         idx = device.index if device.index is not None else torch.cuda.current_device()
         return int(free + torch.cuda.memory_reserved(idx) - torch.cuda.memory_allocated(idx))
