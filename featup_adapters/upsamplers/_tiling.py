@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._validate import parse_memory_size
 from ..ops import adaptive_conv
 from ._kernel import stage_kernel
 from ._resize import pad_mode
@@ -83,23 +84,7 @@ def parse_max_memory(value, who: str = "max_memory") -> int | None:
             raise ValueError(f"expected a positive {who} in bytes, got {value!r}")
         return int(value)
     if isinstance(value, str):
-        text = value.strip().upper().replace(" ", "")
-        units = {"TIB": 2 ** 40, "GIB": 2 ** 30, "MIB": 2 ** 20, "KIB": 2 ** 10, "TB": 10 ** 12,
-                 "GB": 10 ** 9, "MB": 10 ** 6, "KB": 10 ** 3, "T": 2 ** 40, "G": 2 ** 30,
-                 "M": 2 ** 20, "K": 2 ** 10, "B": 1}
-        for unit, mult in units.items():
-            if text.endswith(unit):
-                num = text[:-len(unit)]
-                break
-        else:
-            num, mult = text, 1
-        try:
-            n = float(num) * mult
-        except ValueError:
-            n = float("nan")
-        if not math.isfinite(n) or n <= 0:
-            raise ValueError(f"expected {who} like 8GB, 512MiB or a number of bytes, got {value!r}")
-        return int(n)
+        return parse_memory_size(value, who)
     raise TypeError(f"expected {who} as bytes (int) or a string like '8GB', got "
                     f"{type(value).__name__}")
 
