@@ -67,7 +67,8 @@ def _neck(args, model, device, *, fallback: str | None = None):
     from .neck import wrap
 
     try:
-        neck = wrap(model, args.upsampler, layer=args.layer)
+        neck = wrap(model, args.upsampler, layer=args.layer,
+                    max_memory=getattr(args, "max_memory", None))
         label = _upsampler_label(neck, args.upsampler)
     except LookupError as exc:
         if fallback is None or args.upsampler != "auto":

@@ -15,7 +15,7 @@ import math
 from numbers import Integral, Real
 
 __all__ = ["check_int", "check_float", "positive_int", "non_negative_int", "positive_float",
-           "non_negative_float", "fraction", "non_empty_str"]
+           "non_negative_float", "fraction", "non_empty_str", "memory_size", "parse_memory_size"]
 
 
 def check_int(name: str, value, *, min: int | None = None, max: int | None = None) -> int:
@@ -103,6 +103,39 @@ def non_empty_str(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError(f"expected a non-empty value, got {text!r}")
     return text
+
+
+_MEMORY_UNITS = {"TIB": 2 ** 40, "GIB": 2 ** 30, "MIB": 2 ** 20, "KIB": 2 ** 10, "TB": 10 ** 12,
+                 "GB": 10 ** 9, "MB": 10 ** 6, "KB": 10 ** 3, "T": 2 ** 40, "G": 2 ** 30,
+                 "M": 2 ** 20, "K": 2 ** 10, "B": 1}
+
+
+def parse_memory_size(text: str, who: str = "max_memory") -> int:
+    """``"8GB"`` (10**9), ``"512MiB"`` / ``"512M"`` (2**20), ``"1.5GiB"``, ``"2e9"`` -> bytes (an int
+    > 0); anything else (0, negative, not finite, no number) is a ValueError naming ``who``."""
+    text_ = str(text).strip().upper().replace(" ", "")
+    for unit, mult in _MEMORY_UNITS.items():
+        if text_.endswith(unit):
+            num = text_[:-len(unit)]
+            break
+    else:
+        num, mult = text_, 1
+    try:
+        n = float(num) * mult
+    except ValueError:
+        n = float("nan")
+    if not math.isfinite(n) or n < 1:
+        raise ValueError(f"expected {who} like 8GB, 512MiB or a number of bytes, got {text!r}")
+    return int(n)
+
+
+def memory_size(text: str) -> int:
+    """argparse type: a memory size > 0, ``512MB``, ``8GB``, ``1.5GiB`` or plain bytes -> bytes."""
+    try:
+        return parse_memory_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a memory size > 0 like 512MB, 8GB, 1.5GiB or a "
+                                         f"number of bytes, got {text!r}") from None
 
 
 # -- output paths, checked before any work ----------------------------------------------------

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 from ._cli_base import PROG, CLIError
-from ._validate import non_empty_str, non_negative_int, positive_int
+from ._validate import memory_size, non_empty_str, non_negative_int, positive_int
 
 # (module, function) pairs that register sub-commands owned by other parts of the package;
 # a module that is missing or fails to import leaves its commands out, never the whole CLI.
@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of the saved features (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward (default: %(default)s)")
+    p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                   help="memory budget of the JBU upsampler's forward, e.g. 4GB, 512MiB or bytes "
+                        "(default: a fraction of the memory available; large outputs are computed "
+                        "in row bands to fit, or refused up front; not for the bilinear/bicubic "
+                        "baselines)")
     p.add_argument("--workers", type=non_negative_int, default=2,
                    help="DataLoader worker processes reading the images (default: %(default)s; 0: none)")
     p.add_argument("--verify", choices=("size", "hash"), default="size",

@@ -332,7 +332,7 @@ def run_upsample(args) -> int:
         written, failure = 0, None
         try:
             written = _process(args, neck, label, shard, out_dir, settings, info)
-        except (CLIError, OSError, RuntimeError, ValueError) as exc:
+        except (CLIError, OSError, RuntimeError, ValueError, MemoryError) as exc:
             failure = exc
         failed = distributed.mean_scalar(float(failure is not None), info) * info.world_size
         total = round(distributed.mean_scalar(float(written), info) * info.world_size)

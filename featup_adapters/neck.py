@@ -80,6 +80,11 @@ class FeatUpNeck(nn.Module):
         backbone_id: id of the backbone (default: the adapter's).
         backbone_pretrained: whether the backbone holds pretrained weights (True / False), or None
             when unknown; an upsampler trained for the other kind is refused by :func:`wrap`.
+        max_memory: memory budget of the upsampler's forward (bytes or a string like ``"8GB"``;
+            None: the upsampler's default), for upsamplers whose ``forward`` takes ``max_memory``
+            (``JBUStack``); given for any other upsampler it is refused.
+        out_dtype: dtype of the upsampled features (None: the features' dtype), likewise passed
+            to an upsampler whose ``forward`` takes ``out_dtype`` and refused for others.
 
     The neck starts in the backbone's mode (``backbone.training``): a backbone in eval mode gives a
     neck whose upsampler's dropout is off, so two calls on one image agree. The backbone's own
@@ -88,8 +93,10 @@ class FeatUpNeck(nn.Module):
 
     def __init__(self, backbone: nn.Module, upsampler: nn.Module, adapter: Adapter, *,
                  output_size: OutputSize = None, use_norm: bool = False, backbone_id: Optional[str] = None,
-                 backbone_pretrained: Optional[bool] = None):
+                 backbone_pretrained: Optional[bool] = None, max_memory=None,
+                 out_dtype: Optional[torch.dtype] = None):
         super().__init__()
+        self.upsampler_options = _supported(upsampler, _upsampler_options(max_memory, out_dtype))
         self.backbone = backbone
         self.upsampler = upsampler
         self.adapter = adapter
@@ -229,10 +236,12 @@ class FeatUpNeck(nn.Module):
         """``images``: ``Tensor[B, 3, H, W]`` -> ``Tensor[B, C, H', W']`` (``(hr, lr)`` with ``return_lowres``)."""
         lowres, guidance = self._run(images)
         size = self.target_size(tuple(images.shape[-2:]))
+        # checked again here: the upsampler may have been replaced since wrap
+        options = _supported(self.upsampler, getattr(self, "upsampler_options", {}))
         if self._takes_size:
-            highres = self.upsampler(lowres, guidance, output_size=size)
+            highres = self.upsampler(lowres, guidance, output_size=size, **options)
         else:
-            highres = self.upsampler(lowres, guidance)
+            highres = self.upsampler(lowres, guidance, **options)
         if tuple(highres.shape[-2:]) != size:
             highres = F.interpolate(highres, size=size, mode="bilinear", align_corners=False)
         return (highres, lowres) if return_lowres else highres
@@ -271,6 +280,37 @@ def _accepts(module: nn.Module, name: str) -> bool:
     except (TypeError, ValueError):
         return True
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _upsampler_options(max_memory=None, out_dtype=None) -> Dict[str, Any]:
+    """The upsampler options given (not None), checked; a malformed value raises naming what was
+    expected."""
+    from .upsamplers._tiling import parse_max_memory
+
+    options: Dict[str, Any] = {}
+    if max_memory is not None:
+        options["max_memory"] = parse_max_memory(max_memory)
+    if out_dtype is not None:
+        if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+            raise TypeError(f"expected out_dtype as a floating torch.dtype (e.g. torch.float16), "
+                            f"got {out_dtype!r}")
+        options["out_dtype"] = out_dtype
+    return options
+
+
+def _supported(upsampler: nn.Module, options: Dict[str, Any]) -> Dict[str, Any]:
+    """``options``, if ``upsampler.forward`` takes each of them; else a TypeError (never ignored).
+    ``**kwargs`` alone does not count: it could drop the value silently."""
+    for name in options:
+        try:
+            param = inspect.signature(upsampler.forward).parameters.get(name)
+        except (TypeError, ValueError):
+            param = None
+        if param is None or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+            raise TypeError(f"{name}= was given, but the upsampler {type(upsampler).__name__} cannot "
+                            f"honour it (its forward takes no {name} argument; JBUStack does); "
+                            f"drop {name} or use a JBU upsampler")
+    return options
 
 
 def _check_output_size(size: OutputSize):
@@ -386,7 +426,8 @@ def _spec_hint(backbone_id: Optional[str]) -> str:
 
 def wrap(backbone: Union[str, nn.Module], upsampler: Union[str, nn.Module] = "auto", *,
          layer: Union[None, str, Layer] = None, output_size: OutputSize = None, use_norm: Optional[bool] = None,
-         backbone_id: Optional[str] = None, pretrained: Union[None, bool, str] = None) -> FeatUpNeck:
+         backbone_id: Optional[str] = None, pretrained: Union[None, bool, str] = None,
+         max_memory=None, out_dtype: Optional[torch.dtype] = None) -> FeatUpNeck:
     """Attach an upsampler to ``backbone``'s features.
 
     Args:
@@ -406,6 +447,11 @@ def wrap(backbone: Union[str, nn.Module], upsampler: Union[str, nn.Module] = "au
         pretrained: for a spec string: None / True load its pretrained weights (the default; an
             error names them when offline), False builds it at random init (then ``"auto"`` finds no
             upsampler, since the registered ones were trained on pretrained backbones).
+        max_memory: memory budget of the upsampler's forward, bytes or a string like ``"8GB"``
+            (None: the upsampler's own default, a fraction of the memory available). Honoured by
+            the JBU upsamplers (large outputs are then computed in row bands, or refused up front
+            with a ``MemoryBudgetError``); refused for an upsampler that cannot honour it.
+        out_dtype: dtype of the upsampled features (None: the features' dtype); likewise.
 
     An upsampler whose config records the other kind of backbone (``backbone_pretrained``) than
     the wrapped one is refused.
@@ -420,6 +466,7 @@ def wrap(backbone: Union[str, nn.Module], upsampler: Union[str, nn.Module] = "au
         >>> neck(torch.randn(1, 3, 64, 96)).shape
         torch.Size([1, 512, 64, 96])
     """
+    options = _upsampler_options(max_memory, out_dtype)   # malformed values: before any work
     if isinstance(backbone, str):
         backbone, origin = resolve_backbone(backbone, pretrained=pretrained)
     else:
@@ -433,6 +480,7 @@ def wrap(backbone: Union[str, nn.Module], upsampler: Union[str, nn.Module] = "au
                       backbone_pretrained=known)
     try:
         module = _resolve_upsampler(upsampler, neck.feature_dim, bid, known)
+        neck.upsampler_options = _supported(module, options)
     except BaseException:
         neck.remove()
         raise

@@ -43,6 +43,27 @@ def range_temperature(range_temp, *, device, dtype) -> Tensor:
     return torch.as_tensor(range_temp, device=device).to(dtype).exp().clamp(1e-4, 1e4)
 
 
+def _readable(t: Tensor) -> bool:
+    """False where a tensor's value cannot be read on the host: a fake tensor (``FakeTensorMode``,
+    ``make_fx``, export) or a trace under ``torch.compile``."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (torch.compiler.is_compiling() or is_fake(t))
+
+
+def _traced_kernel(logits: Tensor, temp: Tensor, sigma: Tensor, dist2: Tensor) -> Tensor:
+    """``normalized_kernel`` without reading ``sigma`` on the host (no branch on its value)::
+
+        range * s / max(S, 1e-7) = softmax_n(z + log s) * min(1, S / 1e-7),
+        S = sum_n range * s = exp(logsumexp(z + log s) - logsumexp(z)),  z = t * logits
+
+    (the factor is exactly 1 whenever ``sigma >= SIGMA_MIN_FOR_SOFTMAX``)."""
+    z = logits * temp
+    z2 = z + dist2 * (-0.5 / sigma ** 2)
+    log_S = torch.logsumexp(z2, -1, keepdim=True) - torch.logsumexp(z, -1, keepdim=True)
+    return torch.softmax(z2, dim=-1) * (log_S.exp() * 1e7).clamp(max=1.0)
+
+
 def normalized_kernel(logits: Tensor, range_temp, sigma_spatial, radius: int) -> Tensor:
     """``Tensor[B, H, W, k*k]`` logits -> the normalized range x spatial kernel, same shape/dtype.
 
@@ -54,6 +75,8 @@ def normalized_kernel(logits: Tensor, range_temp, sigma_spatial, radius: int) ->
     dist2 = spatial_dist2(radius, device=device, dtype=dtype)
     grad = torch.is_grad_enabled() and (logits.requires_grad or temp.requires_grad
                                         or sigma.requires_grad)
+    if not _readable(sigma):
+        return _traced_kernel(logits, temp, sigma, dist2)
     if float(sigma.detach().abs()) >= SIGMA_MIN_FOR_SOFTMAX:
         log_s = dist2 * (-0.5 / sigma ** 2)
         if not grad:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._validate import parse_memory_size
 from ..ops import adaptive_conv
 from ._kernel import stage_kernel
 from ._resize import pad_mode
@@ -46,6 +47,10 @@ def available_memory(device: torch.device | str | None = None) -> int:
     allocator holds unused; on CPU ``MemAvailable`` of ``/proc/meminfo`` (else the free pages)."""
     device = torch.device(device if device is not None else "cpu")
     if device.type == "cuda":
+        if not torch.cuda.is_available():    # e.g. fake CUDA tensors (tracing) on a CPU machine
+            raise RuntimeError(f"cannot measure the memory available on {device}: no CUDA device "
+                               f"is available (fake or traced CUDA tensors?); pass max_memory= "
+                               f"(bytes or a string like '8GB') explicitly")
         free, _ = torch.cuda.mem_get_info(device)
         idx = device.index if device.index is not None else torch.cuda.current_device()
         return int(free + torch.cuda.memory_reserved(idx) - torch.cuda.memory_allocated(idx))
@@ -79,23 +84,7 @@ def parse_max_memory(value, who: str = "max_memory") -> int | None:
             raise ValueError(f"expected a positive {who} in bytes, got {value!r}")
         return int(value)
     if isinstance(value, str):
-        text = value.strip().upper().replace(" ", "")
-        units = {"TIB": 2 ** 40, "GIB": 2 ** 30, "MIB": 2 ** 20, "KIB": 2 ** 10, "TB": 10 ** 12,
-                 "GB": 10 ** 9, "MB": 10 ** 6, "KB": 10 ** 3, "T": 2 ** 40, "G": 2 ** 30,
-                 "M": 2 ** 20, "K": 2 ** 10, "B": 1}
-        for unit, mult in units.items():
-            if text.endswith(unit):
-                num = text[:-len(unit)]
-                break
-        else:
-            num, mult = text, 1
-        try:
-            n = float(num) * mult
-        except ValueError:
-            n = float("nan")
-        if not math.isfinite(n) or n <= 0:
-            raise ValueError(f"expected {who} like 8GB, 512MiB or a number of bytes, got {value!r}")
-        return int(n)
+        return parse_memory_size(value, who)
     raise TypeError(f"expected {who} as bytes (int) or a string like '8GB', got "
                     f"{type(value).__name__}")
 

@@ -323,7 +323,7 @@ class JBUStack(UpsamplerMixin, nn.Module):
         est = _tiling.estimate_bytes(
             source.shape[0], source.shape[1], [s for _, s in plan], tuple(source.shape[-2:]),
             radius=self.radius, key_dim=self.key_dim, guidance_dim=self.guidance_dim,
-            elem=source.element_size(), out_elem=torch.empty((), dtype=out_dtype).element_size(),
+            elem=source.element_size(), out_elem=out_dtype.itemsize,
             grad=grad)
         if budget is None:
             budget = _tiling.default_max_memory(source.device)
