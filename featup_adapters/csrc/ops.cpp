@@ -29,6 +29,8 @@ TORCH_LIBRARY(featup_adapters, m) {
   // bicubic resize (align_corners=False) to size, then reflect padding by pad (cpu/resize_cpu.cpp)
   m.def("bicubic_pad(Tensor input, int[2] size, int pad) -> Tensor");
   m.def("bicubic_pad_backward(Tensor grad_out, int[2] input_size, int pad) -> Tensor");
+  // rows [row0, row1) of bicubic_pad's output from a band of source rows (inference only)
+  m.def("bicubic_pad_rows(Tensor input, int[2] size, int pad, int src_rows, int src_row0, int row0, int row1) -> Tensor");
 }
 
 }  // namespace featup_adapters

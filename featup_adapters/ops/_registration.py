@@ -120,6 +120,22 @@ def _register_resize() -> None:
     torch.library.register_autograd(lib + "bicubic_pad_backward", _backward_bwd,
                                     setup_context=_setup_bwd)
 
+    @torch.library.register_fake(lib + "bicubic_pad_rows")
+    def _fake_rows(x, size, pad, src_rows, src_row0, row0, row1):
+        torch._check(x.dim() == 4, lambda: f"bicubic_pad_rows: expected a 4-D input, got {x.dim()}-D")
+        return x.new_empty((x.shape[0], x.shape[1], row1 - row0, size[1] + 2 * pad))
+
+    torch.library.register_kernel(lib + "bicubic_pad_rows", "cuda", _resize_cuda.cuda_bicubic_pad_rows)
+
+    def _setup_rows(ctx, inputs, output):
+        pass
+
+    def _backward_rows(ctx, grad):
+        raise RuntimeError("bicubic_pad_rows has no backward (it serves JBUStack's row-band inference "
+                           "path); use bicubic_pad for a differentiable resize")
+
+    torch.library.register_autograd(lib + "bicubic_pad_rows", _backward_rows, setup_context=_setup_rows)
+
 
 if extension_loaded():
     _register()

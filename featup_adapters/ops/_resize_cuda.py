@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .resize import bicubic_pad_reference, pad_mode
+from .resize import bicubic_pad_reference, bicubic_pad_rows_reference, pad_mode
 
 
 def padded_sizes(grad_out, r):
@@ -31,3 +31,8 @@ def cuda_bicubic_pad_backward(grad_out, input_size, pad):
         g = backward(g, like, [pad, pad, pad, pad])
     g = torch.ops.aten.upsample_bicubic2d_backward(g, [H, W], [B, C, *input_size], False)
     return g.to(grad_out.dtype)
+
+
+def cuda_bicubic_pad_rows(x, size, pad, src_rows, src_row0, row0, row1):
+    """The CUDA kernel of ``bicubic_pad_rows``: the PyTorch gathers of the reference."""
+    return bicubic_pad_rows_reference(x, size, pad, src_rows, src_row0, row0, row1)

@@ -13,6 +13,7 @@ extension, the pure PyTorch reference below.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +23,8 @@ from torch import Tensor
 from ._checks import SUPPORTED_DTYPES, _shape
 from ._loader import extension_loaded
 
-__all__ = ["bicubic_pad", "bicubic_pad_reference", "pad_mode", "pad2d"]
+__all__ = ["bicubic_pad", "bicubic_pad_reference", "bicubic_pad_rows", "bicubic_pad_rows_reference",
+           "pad_mode", "pad2d"]
 
 _OP_DEVICES = ("cpu", "cuda")  # the op's kernels: compiled on CPU, torch's own on CUDA
 
@@ -94,3 +96,114 @@ def bicubic_pad(x: Tensor, size: Sequence[int], r: int) -> Tensor:
     if x.device.type in _OP_DEVICES and extension_loaded():
         return torch.ops.featup_adapters.bicubic_pad(x, [H, W], r)
     return bicubic_pad_reference(x, (H, W), r)
+
+
+# ------------------------------------------------------------------------------ rows of a band
+def _unpad(P: Tensor, n: int, r: int, reflect: bool) -> Tensor:
+    o = P - r
+    if reflect:
+        o = o.abs()
+        return torch.where(o >= n, 2 * (n - 1) - o, o)
+    return o.clamp(0, n - 1)
+
+
+def bicubic_taps(n_in: int, n_out: int, r: int, reflect: bool, positions: Tensor):
+    """Bicubic taps (torch's convention) of padded output ``positions`` of one axis:
+    ``(index: Tensor[4, n] int64, weight: Tensor[4, n] float64)``, indices clamped to ``[0, n_in)``."""
+    o = _unpad(positions, n_out, r, reflect).double()
+    real = (o + 0.5) * (n_in / n_out) - 0.5
+    i = torch.floor(real).clamp(max=n_in - 1)
+    t = (real - i).clamp(0, 1)
+    a = -0.75
+
+    def near(x):
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    w = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)])
+    idx = torch.stack([(i.long() - 1 + k).clamp(0, n_in - 1) for k in range(4)])
+    return idx, w
+
+
+def source_row_range(n_in: int, n_out: int, r: int, reflect: bool, row0: int, row1: int) -> tuple[int, int]:
+    """``[lo, hi)``: the source rows that padded output rows ``[row0, row1)`` of one axis read
+    (plain Python, so it also runs while tracing with fake tensors)."""
+    lo, hi = n_in, 0
+    scale = n_in / n_out
+    for P in range(row0, row1):
+        o = P - r
+        if reflect:
+            o = abs(o)
+            o = 2 * (n_out - 1) - o if o >= n_out else o
+        else:
+            o = min(max(o, 0), n_out - 1)
+        i = min(math.floor((o + 0.5) * scale - 0.5), n_in - 1)
+        lo, hi = min(lo, max(i - 1, 0)), max(hi, min(i + 2, n_in - 1) + 1)
+    return lo, hi
+
+
+def check_bicubic_pad_rows_args(x: Tensor, size, r: int, src_rows: int, src_row0: int, row0: int,
+                                row1: int) -> tuple[int, int]:
+    H, W = check_bicubic_pad_args(x, size, r)
+    for name, v in (("src_rows", src_rows), ("src_row0", src_row0), ("row0", row0), ("row1", row1)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"bicubic_pad_rows: expected an int {name}, got {v!r}")
+    if src_row0 < 0 or src_row0 + x.shape[2] > src_rows:
+        raise ValueError(f"bicubic_pad_rows: expected the band's {x.shape[2]} source rows starting "
+                         f"at {src_row0} inside the source's {src_rows} rows")
+    if not 0 <= row0 < row1 <= H + 2 * r:
+        raise ValueError(f"bicubic_pad_rows: expected output rows 0 <= row0 < row1 <= {H + 2 * r}, "
+                         f"got [{row0}, {row1})")
+    lo, hi = source_row_range(src_rows, H, r, pad_mode(H, W, r) == "reflect", row0, row1)
+    if lo < src_row0 or hi > src_row0 + x.shape[2]:
+        raise ValueError(f"bicubic_pad_rows: output rows [{row0}, {row1}) read source rows "
+                         f"[{lo}, {hi}), not all inside the band's rows "
+                         f"[{src_row0}, {src_row0 + x.shape[2]})")
+    return H, W
+
+
+def bicubic_pad_rows_reference(x: Tensor, size: Sequence[int], r: int, src_rows: int,
+                               src_row0: int, row0: int, row1: int) -> Tensor:
+    """Rows ``[row0, row1)`` of ``bicubic_pad`` from a band of source rows, in PyTorch: 4 row
+    taps then 4 column taps (gathers and multiply-adds); the CUDA kernel of the op."""
+    H, W = int(size[0]), int(size[1])
+    reflect = pad_mode(H, W, r) == "reflect"
+    acc = _acc_dtype(x.dtype)
+    xa = x.to(acc)
+    dev = x.device
+    ri, rw = bicubic_taps(src_rows, H, r, reflect, torch.arange(row0, row1))
+    rows = None
+    for k in range(4):
+        term = xa.index_select(2, (ri[k] - src_row0).to(dev)) * rw[k].to(dev, acc).view(1, 1, -1, 1)
+        rows = term if rows is None else rows.add_(term)
+    ci, cw = bicubic_taps(x.shape[3], W, r, reflect, torch.arange(W + 2 * r))
+    out = None
+    for k in range(4):
+        term = rows.index_select(3, ci[k].to(dev)) * cw[k].to(dev, acc)
+        out = term if out is None else out.add_(term)
+    return out.to(x.dtype)
+
+
+def bicubic_pad_rows(x: Tensor, size: Sequence[int], r: int, *, src_rows: int, src_row0: int,
+                     row0: int, row1: int) -> Tensor:
+    """Rows ``[row0, row1)`` of ``bicubic_pad(source, size, r)``, computed from a band of the source.
+
+    ``x: Tensor[B, C, n, w]`` holds source rows ``[src_row0, src_row0 + n)`` of a source with
+    ``src_rows`` rows; the result ``Tensor[B, C, row1 - row0, W + 2r]`` equals
+    ``bicubic_pad(source, size, r)[:, :, row0:row1]`` (the taps are the whole map's).  The band
+    must hold every source row those output rows read.  Inference only (no autograd): the row-band
+    path of ``JBUStack`` uses it.
+
+    Example:
+        >>> src = torch.randn(1, 2, 8, 8)
+        >>> band = bicubic_pad_rows(src[:, :, 2:7], (16, 16), 3, src_rows=8, src_row0=2, row0=8, row1=14)
+        >>> torch.allclose(band, bicubic_pad(src, (16, 16), 3)[:, :, 8:14], atol=1e-6)
+        True
+    """
+    check_bicubic_pad_rows_args(x, size, r, src_rows, src_row0, row0, row1)
+    H, W = int(size[0]), int(size[1])
+    if x.device.type in _OP_DEVICES and extension_loaded():
+        return torch.ops.featup_adapters.bicubic_pad_rows(x, [H, W], r, src_rows, src_row0, row0, row1)
+    return bicubic_pad_rows_reference(x, (H, W), r, src_rows, src_row0, row0, row1)

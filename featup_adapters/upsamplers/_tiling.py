@@ -7,8 +7,8 @@ the output is computed in bands of rows; each band asks the stage below for the 
 needs, which asks the stage below it, down to the source map.  Each level keeps the rows it last
 made, so the rows shared by neighbouring bands (the halo) are computed once.  The peak memory is
 the output plus one band of every level, whatever the size, and the result is the untiled one up
-to float rounding (the bicubic resize runs as a row pass then a column pass, in another order of
-summation than ``upsample_bicubic2d``).
+to float rounding (each band's resize is the ``bicubic_pad_rows`` op: the same taps as the whole
+map's ``bicubic_pad``).
 
 The tiled path needs FeatUp's linear final fixup (applied at the source, see ``jbu.py``) and runs
 only without autograd; training takes the untiled path.
@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .._validate import parse_memory_size
 from ..ops import adaptive_conv
+from ..ops.resize import bicubic_pad_rows, source_row_range
 from ._kernel import stage_kernel
 from ._resize import pad_mode
 
@@ -171,34 +172,6 @@ def pad_rows(lo: int, hi: int, n: int, r: int, reflect: bool) -> list[int]:
     return out
 
 
-_A = -0.75   # PyTorch's bicubic coefficient
-
-
-def cubic_weights(t: float) -> tuple[float, float, float, float]:
-    """The 4 bicubic tap weights (taps ``floor(x) - 1 .. floor(x) + 2``) at fraction ``t``."""
-    def near(x):     # |x| <= 1
-        return ((_A + 2) * x - (_A + 3)) * x * x + 1
-
-    def far(x):      # 1 < |x| < 2
-        return ((_A * x - 5 * _A) * x + 8 * _A) * x - 4 * _A
-
-    return far(t + 1), near(t), near(1 - t), far(2 - t)
-
-
-def _row_taps(rows: list[int], n_in: int, n_out: int):
-    """Bicubic taps (align_corners=False) of output rows: (indices [4][len], weights [4][len])."""
-    scale = n_in / n_out
-    idx = [[0] * len(rows) for _ in range(4)]
-    wts = [[0.0] * len(rows) for _ in range(4)]
-    for j, o in enumerate(rows):
-        x = (o + 0.5) * scale - 0.5
-        f = math.floor(x)
-        for t, w in enumerate(cubic_weights(x - f)):
-            idx[t][j] = min(max(f - 1 + t, 0), n_in - 1)
-            wts[t][j] = w
-    return idx, wts
-
-
 class _Level:
     """Rows of one stage's output, made on request from the level below; keeps the last rows."""
 
@@ -210,10 +183,9 @@ class _Level:
         self.cache_lo, self.cache = 0, None
 
     def source_rows(self, lo: int, hi: int) -> tuple[int, int]:
-        """The rows of the level below that output rows ``[lo, hi)`` read."""
-        pr = pad_rows(lo - self.r, hi + self.r, self.H, self.r, self.reflect)
-        idx, _ = _row_taps([min(pr), max(pr)], self.h, self.H)
-        return max(0, min(idx[0]) - 1), min(self.h, max(idx[3]) + 2)   # one spare row each side
+        """The rows of the level below that output rows ``[lo, hi)`` read (padded rows
+        ``lo .. hi + 2r`` of the resize)."""
+        return source_row_range(self.h, self.H, self.r, self.reflect, lo, hi + 2 * self.r)
 
     def rows(self, lo: int, hi: int) -> Tensor:
         """``Tensor[B, C, hi - lo, W]`` (requests must not move backwards)."""
@@ -236,12 +208,9 @@ class _Level:
         pr = pad_rows(a - r, b + r, self.H, r, self.reflect)          # padded rows a-r .. b+r-1
         s_lo, s_hi = self.source_rows(a, b)
         src = self.below.rows(s_lo, s_hi)                              # [B, C, s_hi - s_lo, w]
-        if self.H == 2 * self.h:
-            rows = self._row_pass_2x(src, a, b, pr, s_lo)
-        else:
-            rows = self._row_pass(src, pr, s_lo)
-        hr_pad = self._col_pass(rows)                                  # [B, C, len(pr), W + 2r]
-        del rows
+        hr_pad = bicubic_pad_rows(src, (self.H, self.W), r, src_rows=self.h, src_row0=s_lo,
+                                  row0=a, row1=b + 2 * r)             # [B, C, len(pr), W + 2r]
+        del src
         # the kernel of these rows: keys at the padded rows, padded by columns
         gi = torch.tensor(pr, device=self.g.device)
         q = st.range_proj(self.g.index_select(2, gi))
@@ -252,89 +221,6 @@ class _Level:
         k = 2 * r + 1
         B = hr_pad.shape[0]
         return adaptive_conv(hr_pad, kern.to(hr_pad.dtype).view(B, b - a, self.W, k, k))
-
-
-    def _row_pass(self, src: Tensor, rows: list[int], s_lo: int) -> Tensor:
-        """Bicubic along rows: ``Tensor[B, C, len(rows), w]`` at the given output rows (one fused
-        multiply-add per tap and row: no gathered copies)."""
-        idx, wts = _row_taps(rows, self.h, self.H)
-        B, C, _, w = src.shape
-        out = src.new_empty((B, C, len(rows), w))
-        for j in range(len(rows)):
-            dst = out[:, :, j]
-            torch.mul(src[:, :, idx[0][j] - s_lo], wts[0][j], out=dst)
-            for t in range(1, 4):
-                dst.add_(src[:, :, idx[t][j] - s_lo], alpha=wts[t][j])
-        return out
-
-    def _row_pass_2x(self, src: Tensor, a: int, b: int, pr: list[int], s_lo: int) -> Tensor:
-        """``_row_pass`` for an exact 2x: even rows 2m read source rows m-2..m+1 with the weights at
-        t = 0.75, odd rows m-1..m+2 at t = 0.25, as strided slices (8 operations a band); the
-        reflected border rows are copied from the rows inside."""
-        B, C, _, w = src.shape
-        r, H = self.r, self.H
-        lo, hi = max(a - r, 0), min(b + r, H)
-        off = lo - (a - r)                       # where row lo sits in the padded band
-        out = src.new_empty((B, C, len(pr), w))
-        m0, m1 = lo // 2, (hi - 1) // 2
-        ext = [min(max(i, 0), self.h - 1) - s_lo for i in range(m0 - 2, m1 + 3)]
-        if ext == list(range(ext[0], ext[0] + len(ext))):
-            sp = src[:, :, ext[0]:ext[0] + len(ext)]
-        else:
-            sp = src.index_select(2, torch.tensor(ext, device=src.device))
-        for parity, t0, base in ((0, 0.75, 0), (1, 0.25, 1)):
-            first = lo + (parity - lo) % 2
-            if first >= hi:
-                continue
-            cnt = (hi - 1 - first) // 2 + 1
-            j = off + first - lo
-            dst = out[:, :, j:j + 2 * cnt - 1:2]
-            m = first // 2 - m0 + base
-            for t, wt in enumerate(cubic_weights(t0)):
-                piece = sp[:, :, m + t:m + t + cnt]
-                if t == 0:
-                    torch.mul(piece, wt, out=dst)
-                else:
-                    dst.add_(piece, alpha=wt)
-        border = [j for j in range(len(pr)) if j < off or j >= off + hi - lo]
-        if border:
-            dev = src.device
-            out.index_copy_(2, torch.tensor(border, device=dev), out.index_select(
-                2, torch.tensor([off + pr[j] - lo for j in border], device=dev)))
-        return out
-
-    def _col_pass(self, x: Tensor) -> Tensor:
-        """Bicubic along columns to ``W`` and the column padding: ``Tensor[B, C, n, W + 2r]``."""
-        B, C, n, w = x.shape
-        W, r = self.W, self.r
-        if W == 2 * w:
-            # exactly 2x: even columns 2m read source columns m-2..m+1 with the weights at
-            # t = 0.75, odd columns m-1..m+2 at t = 0.25; clamped taps read a replicated border
-            xp = F.pad(x, [2, 2, 0, 0], mode="replicate")
-            out = x.new_empty((B, C, n, W + 2 * r))
-            for parity, t0, off in ((0, 0.75, 0), (1, 0.25, 1)):
-                dst = out[..., r + parity:r + W:2]
-                for t, wt in enumerate(cubic_weights(t0)):
-                    piece = xp[..., off + t:off + t + w]
-                    if t == 0:
-                        torch.mul(piece, wt, out=dst)
-                    else:
-                        dst.add_(piece, alpha=wt)
-            if r:
-                cols = pad_rows(-r, 0, W, r, self.reflect) + pad_rows(W, W + r, W, r, self.reflect)
-                src_cols = torch.tensor([r + c for c in cols], device=x.device)
-                dst_cols = torch.tensor([*range(r), *range(W + r, W + 2 * r)], device=x.device)
-                out.index_copy_(3, dst_cols, out.index_select(3, src_cols))
-            return out
-        cols = pad_rows(-r, W + r, W, r, self.reflect)
-        idx, wts = _row_taps(cols, w, W)
-        out = None
-        for t in range(4):
-            it = torch.tensor(idx[t], device=x.device)
-            wt = torch.tensor(wts[t], dtype=torch.float64).to(device=x.device, dtype=x.dtype)
-            term = x.index_select(3, it).mul_(wt)
-            out = term if out is None else out.add_(term)
-        return out
 
 
 class _Source:

@@ -121,7 +121,8 @@ int64_t rows_per_item(int64_t planes, int64_t rows) {
 
 template <typename T, typename O>
 void forward_kernel(const T* x, O* out, int64_t planes, int64_t h, int64_t w, const Taps<T>& th,
-                    const Taps<T>& tw) {
+                    const Taps<T>& tw, int64_t plane_stride = -1) {
+  if (plane_stride < 0) plane_stride = h * w;
   const auto& ks = resize_kernels<T>();
   const int64_t Hp = th.n, Wp = tw.n;
   const int64_t chunk = rows_per_item(planes, Hp), nchunks = (Hp + chunk - 1) / chunk;
@@ -132,7 +133,7 @@ void forward_kernel(const T* x, O* out, int64_t planes, int64_t h, int64_t w, co
     for (int64_t item = begin; item < end; ++item) {
       const int64_t plane = item / nchunks, P0 = (item % nchunks) * chunk;
       const int64_t P1 = std::min(P0 + chunk, Hp);
-      const T* src = x + plane * h * w;
+      const T* src = x + plane * plane_stride;
       O* dst = out + plane * Hp * Wp;
       for (int64_t P = P0; P < P1; ++P) {
         const T* rows[kTaps];
@@ -231,6 +232,52 @@ at::Tensor bicubic_pad_cpu(const at::Tensor& input, at::IntArrayRef size, int64_
   return out;
 }
 
+// Rows [row0, row1) of bicubic_pad's padded output, from a band of the source: `input` holds
+// source rows [src_row0, src_row0 + hb) of a map with `src_rows` rows (the tiled path of
+// JBUStack: each band of the output reads only the source rows its taps touch). The taps are
+// those of the whole map, so a band equals the same rows of the whole op's output exactly.
+at::Tensor bicubic_pad_rows_cpu(const at::Tensor& input, at::IntArrayRef size, int64_t r,
+                                int64_t src_rows, int64_t src_row0, int64_t row0, int64_t row1) {
+  TORCH_CHECK(input.dim() == 4, "bicubic_pad_rows: expected input of shape [B, C, rows, w] (4-D), got ",
+              input.dim(), "-D tensor of shape ", input.sizes());
+  TORCH_CHECK(size.size() == 2, "bicubic_pad_rows: expected size (H, W), got ", size);
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dtype), "bicubic_pad_rows: expected a floating dtype, got ", dtype);
+  const int64_t B = input.size(0), C = input.size(1), hb = input.size(2), w = input.size(3);
+  const int64_t H = size[0], W = size[1];
+  check_sizes("bicubic_pad_rows", src_rows, w, H, W, r);
+  TORCH_CHECK(src_row0 >= 0 && hb >= 1 && src_row0 + hb <= src_rows, "bicubic_pad_rows: expected the band's ",
+              hb, " source rows starting at ", src_row0, " inside the source's ", src_rows, " rows");
+  TORCH_CHECK(0 <= row0 && row0 < row1 && row1 <= H + 2 * r, "bicubic_pad_rows: expected output rows ",
+              "0 <= row0 < row1 <= ", H + 2 * r, ", got [", row0, ", ", row1, ")");
+  const bool reflect = use_reflect(H, W, r);
+  const auto ct = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  auto out = empty_large({B, C, row1 - row0, W + 2 * r}, input.options().dtype(ct));
+  // a band sliced out of a taller map keeps its plane stride: rows contiguous, planes evenly apart
+  auto x = input.to(ct);
+  const bool planar = x.stride(3) == 1 && x.stride(2) == w && x.stride(1) >= hb * w &&
+                      (B == 1 || x.stride(0) == C * x.stride(1));
+  if (!planar) x = x.contiguous();
+  const int64_t plane_stride = planar ? x.stride(1) : hb * w;
+  AT_DISPATCH_FLOATING_TYPES(ct, "bicubic_pad_rows_cpu", [&] {
+    const auto full = forward_taps<scalar_t>(src_rows, H, r, reflect);
+    const int64_t n = row1 - row0;
+    Taps<scalar_t> th{n, std::vector<int32_t>(kTaps * n), std::vector<scalar_t>(kTaps * n)};
+    for (int64_t k = 0; k < kTaps; ++k)
+      for (int64_t P = 0; P < n; ++P) {
+        const int64_t i = full.idx[k * full.n + row0 + P] - src_row0;
+        TORCH_CHECK(i >= 0 && i < hb, "bicubic_pad_rows: output row ", row0 + P, " reads source row ",
+                    i + src_row0, ", outside the band's rows [", src_row0, ", ", src_row0 + hb, ")");
+        th.idx[k * n + P] = static_cast<int32_t>(i);
+        th.w[k * n + P] = full.w[k * full.n + row0 + P];
+      }
+    const auto tw = forward_taps<scalar_t>(w, W, r, reflect);
+    forward_kernel<scalar_t, scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B * C, hb, w, th, tw,
+                                       plane_stride);
+  });
+  return out.to(dtype);
+}
+
 at::Tensor bicubic_pad_backward_cpu(const at::Tensor& grad_out, at::IntArrayRef input_size, int64_t r) {
   TORCH_CHECK(grad_out.dim() == 4, "bicubic_pad_backward: expected grad_out of shape [B, C, H+2r, W+2r] (4-D), got ",
               grad_out.dim(), "-D tensor of shape ", grad_out.sizes());
@@ -258,6 +305,7 @@ at::Tensor bicubic_pad_backward_cpu(const at::Tensor& grad_out, at::IntArrayRef 
 TORCH_LIBRARY_IMPL(featup_adapters, CPU, m) {
   m.impl("bicubic_pad", &bicubic_pad_cpu);
   m.impl("bicubic_pad_backward", &bicubic_pad_backward_cpu);
+  m.impl("bicubic_pad_rows", &bicubic_pad_rows_cpu);
 }
 
 }  // namespace featup_adapters
