@@ -289,3 +289,25 @@ def test_list_shows_the_universal_upsampler(monkeypatch, tmp_path, capsys):
     assert cli.main(["list"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("universal"))
     assert "not shipped" in line and "any backbone" in line
+
+
+def test_train_universal_init_takes_a_jbu_stacks_stages(photos, tmp_path, monkeypatch, capsys):
+    from featup_adapters.training import universal as U
+    torch.manual_seed(3)
+    stack = JBUStack(12)
+    stack.save_pretrained(tmp_path / "j", backbone_id="timm/x")
+    seen = {}
+    monkeypatch.setattr(U, "train_universal", lambda *a, **k: seen.update(k) or None)
+    args = ["train-universal", *sum((["--backbone", b] for b in TINY), []), "--no-pretrained",
+            "--data", str(photos), "--steps", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    assert cli.main([*args, "--init", str(tmp_path / "j")]) == 0
+    up = seen["upsampler"]
+    assert isinstance(up, UniversalJBUStack) and up.training
+    want = {k: v for k, v in stack.state_dict().items() if not k.startswith("fixup_proj.")}
+    assert up.state_dict().keys() == want.keys()
+    assert all(torch.equal(up.state_dict()[k], v) for k, v in want.items())
+    from featup_adapters.upsamplers import JointBilateralUpsampler
+    JointBilateralUpsampler().save_pretrained(tmp_path / "stage")
+    capsys.readouterr()
+    assert cli.main([*args, "--init", str(tmp_path / "stage")]) == 1
+    assert "expected a saved JBUStack or UniversalJBUStack, got a JointBilateralUpsampler" in capsys.readouterr().err

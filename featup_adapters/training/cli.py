@@ -135,6 +135,9 @@ def add_train_universal_parser(subparsers) -> argparse.ArgumentParser:
                    help="backbone layer to upsample, once per --backbone in the same order ('-' = "
                         "the adapter's default); omit for the defaults of all")
     _add_run_args(p)
+    p.add_argument("--init", default=None,
+                   help="start from a saved upsampler (a folder or registered name): a universal one, "
+                        "or a JBUStack whose stages are taken (its per-channel fixup is dropped)")
     p.add_argument("--amp", choices=("bf16",), default=None, help="bf16 autocast")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true")
@@ -153,6 +156,7 @@ def run_train_universal(args) -> int:
     layers = [None if (lyr is None or lyr == "-") else lyr
               for lyr in (layers or [None] * len(args.backbone))]
     check_output_dir(args.out, "--out")
+    upsampler = _universal_init(args.init) if args.init else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train_universal(
         list(zip(args.backbone, layers)), args.data, steps=args.steps, batch_size=args.batch_size,
@@ -162,10 +166,24 @@ def run_train_universal(args) -> int:
         use_norm=not args.no_norm, hr_downscale=args.hr_downscale, seed=args.seed,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         snapshots=not args.no_snapshots, resume=args.resume, amp=args.amp, device=args.device,
-        progress=not args.no_progress, pretrained=args.pretrained)
+        progress=not args.no_progress, pretrained=args.pretrained, upsampler=upsampler)
     print(f"saved the universal upsampler to {args.out} (use it with wrap(backbone, {str(args.out)!r}) "
           f"or --upsampler {args.out})")
     return 0
+
+
+def _universal_init(spec):
+    """``--init`` of train-universal: a saved universal stack as is, or a JBUStack's stages."""
+    from ..hub import load_upsampler
+    from ..upsamplers import JBUStack, UniversalJBUStack
+
+    up = load_upsampler(spec)
+    if isinstance(up, UniversalJBUStack):
+        return up.train()
+    if isinstance(up, JBUStack):
+        return UniversalJBUStack.from_jbu_stack(up).train()
+    raise ValueError(f"--init: expected a saved JBUStack or UniversalJBUStack, got a "
+                     f"{type(up).__name__} from {spec!r}")
 
 
 def add_fit_implicit_parser(subparsers) -> argparse.ArgumentParser:
