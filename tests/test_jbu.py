@@ -254,3 +254,26 @@ def test_range_logits_loop_matches_unfold_and_native_op(monkeypatch):
     assert (native - want).abs().max().item() < 1e-12
     small = q[:1, :3, :4, :5].detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda t: _range.range_logits(t, 2), (small,), fast_mode=True)
+
+
+def test_keys_as_matrix_products_equal_the_module_and_hooks_keep_the_module():
+    from featup_adapters.upsamplers._kernel import project_keys
+    up = JointBilateralUpsampler().double()
+    with torch.no_grad():
+        for t in up.parameters():
+            t.add_(torch.randn_like(t) * 0.3)
+    g = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    for training in (False, True):
+        up.train(training)
+        torch.manual_seed(1)
+        want = up.range_proj(g)
+        torch.manual_seed(1)
+        got = project_keys(up.range_proj, g)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)     # same dropout draws too
+    calls = []
+    handle = up.range_proj[0].register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    up.eval()
+    project_keys(up.range_proj, g)
+    up(torch.randn(2, 4, 5, 6, dtype=torch.float64), g)
+    handle.remove()
+    assert len(calls) == 2          # hooked: the module itself ran, in both calls

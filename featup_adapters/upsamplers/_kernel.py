@@ -91,26 +91,58 @@ def normalized_kernel(logits: Tensor, range_temp, sigma_spatial, radius: int) ->
     return kern / kern.sum(-1, keepdim=True).clamp(min=1e-7)
 
 
+def _no_hooks(*mods) -> bool:
+    return not (any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+                or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
+def _conv1x1(c, cin: int, cout: int | None = None) -> bool:
+    return (type(c) is nn.Conv2d and c.kernel_size == (1, 1) and c.stride == (1, 1)
+            and c.groups == 1 and c.dilation == (1, 1) and c.padding in ((0, 0), "valid")
+            and c.padding_mode == "zeros" and c.in_channels == cin
+            and (cout is None or c.out_channels == cout))
+
+
+def _is_featup_range_proj(proj, g: int) -> bool:
+    """FeatUp's ``Sequential(Conv2d(G, K, 1), GELU, Dropout2d, Conv2d(K, K, 1))``, no hooks."""
+    if type(proj) is not nn.Sequential or len(proj) != 4:
+        return False
+    c0, act, drop, c3 = proj
+    return (_conv1x1(c0, g) and _conv1x1(c3, c0.out_channels, c0.out_channels)
+            and type(act) is nn.GELU and act.approximate == "none"
+            and type(drop) in (nn.Dropout2d, nn.Identity) and _no_hooks(proj, c0, act, drop, c3))
+
+
+def conv1x1_as_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight`` as one batched matrix product on the
+    ``[B, C, H*W]`` view (no convolution primitive to build on the first call of each shape)."""
+    B, C, H, W = x.shape
+    out = torch.matmul(weight[:, :, 0, 0], x.reshape(B, C, H * W))
+    if bias is not None:
+        out = out.add_(bias[:, None]) if not torch.is_grad_enabled() else out + bias[:, None]
+    return out.view(B, -1, H, W)
+
+
+def project_keys(range_proj, guidance: Tensor) -> Tensor:
+    """``range_proj(guidance)``; FeatUp's layout runs as matrix products (same result up to float
+    rounding, same dropout draws), anything else (hooked, replaced) as the module."""
+    if not _is_featup_range_proj(range_proj, guidance.shape[1]):
+        return range_proj(guidance)
+    c0, act, drop, c3 = range_proj
+    h = act(conv1x1_as_matmul(guidance, c0.weight, c0.bias))
+    return conv1x1_as_matmul(drop(h), c3.weight, c3.bias)
+
+
 def _is_featup_fixup(fixup, k2: int, g: int) -> bool:
     """FeatUp's ``Sequential(Conv2d(k2 + G, k2, 1), GELU, Dropout2d, Conv2d(k2, k2, 1))`` with no
     hooks anywhere (then the split-weight matrix products compute it)."""
     if type(fixup) is not nn.Sequential or len(fixup) != 4:
         return False
     c0, act, drop, c3 = fixup
-    mods = (fixup, c0, act, drop, c3)
-    if any(m._forward_hooks or m._forward_pre_hooks for m in mods):
-        return False
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return False
-
-    def conv1x1(c, cin, cout):
-        return (type(c) is nn.Conv2d and c.kernel_size == (1, 1) and c.stride == (1, 1)
-                and c.groups == 1 and c.dilation == (1, 1) and c.padding in ((0, 0), "valid")
-                and c.in_channels == cin and c.out_channels == cout)
-
-    return (conv1x1(c0, k2 + g, k2) and conv1x1(c3, k2, k2)
+    return (_conv1x1(c0, k2 + g, k2) and _conv1x1(c3, k2, k2)
             and type(act) is nn.GELU and act.approximate == "none"
-            and type(drop) in (nn.Dropout2d, nn.Identity))
+            and type(drop) in (nn.Dropout2d, nn.Identity) and _no_hooks(fixup, c0, act, drop, c3))
 
 
 def fixup_kernel(kernel: Tensor, guidance: Tensor, fixup_proj) -> Tensor:

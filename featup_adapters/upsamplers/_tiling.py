@@ -29,7 +29,7 @@ from torch import Tensor
 from .._validate import parse_memory_size
 from ..ops import adaptive_conv
 from ..ops.resize import bicubic_pad_rows, source_row_range
-from ._kernel import stage_kernel
+from ._kernel import project_keys, stage_kernel
 from ._resize import pad_mode
 
 DEFAULT_FRACTION = 0.85      # of the memory available when the forward starts
@@ -213,7 +213,7 @@ class _Level:
         del src
         # the kernel of these rows: keys at the padded rows, padded by columns
         gi = torch.tensor(pr, device=self.g.device)
-        q = st.range_proj(self.g.index_select(2, gi))
+        q = project_keys(st.range_proj, self.g.index_select(2, gi))
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         q_pad = F.pad(q.to(acc), [r, r, 0, 0], mode="reflect" if self.reflect else "replicate")
         kern = stage_kernel(q_pad, self.g[:, :, a:b], range_temp=st.range_temp,

@@ -40,7 +40,8 @@ import warnings
 from . import _tiling
 from ._base import (UpsamplerMixin, check_4d, check_channels, check_input_dtypes, check_radius,
                     check_upsampler_inputs, register_upsampler_class)
-from ._kernel import fixup_kernel, normalized_kernel, spatial_dist2, stage_kernel
+from ._kernel import (conv1x1_as_matmul, fixup_kernel, normalized_kernel, project_keys,
+                      spatial_dist2, stage_kernel)
 from ._resize import bicubic_pad, pad2d
 
 __all__ = ["jbu", "spatial_kernel", "JointBilateralUpsampler", "JBUStack", "stage_sizes"]
@@ -85,7 +86,7 @@ def jbu(source: Tensor, guidance: Tensor, *, range_temp: Tensor | float, range_p
     k = 2 * radius + 1
     B = guidance.shape[0]
 
-    q = range_proj(guidance)
+    q = project_keys(range_proj, guidance)
     if q.dim() != 4 or q.shape[0] != B or q.shape[-2:] != guidance.shape[-2:]:
         raise ValueError(f"jbu: range_proj must map [B, G, H, W] to [B, K, H, W]; got "
                          f"{list(q.shape)} for guidance {list(guidance.shape)}")
@@ -346,7 +347,7 @@ class JBUStack(UpsamplerMixin, nn.Module):
             # the final fixup at the source: x + 0.1 (W x + b) with x = A(s) equals
             # A(s + 0.1 W s) + 0.1 b (module docstring); the bias is added at the end
             drop, conv = fixup[0], fixup[1]
-            x = source + 0.1 * F.conv2d(drop(source), conv.weight)
+            x = source + 0.1 * conv1x1_as_matmul(drop(source), conv.weight, None)
         if tile:
             sizes = [s for _, s in plan]
             guides = [F.adaptive_avg_pool2d(guidance, s) for s in sizes]
