@@ -8,7 +8,8 @@
 For each output size, ``JBUStack(C).eval()`` forward under ``torch.no_grad()`` (random weights,
 source at 1/16 of the output) reports:
 
-* first call (a fresh process's first forward) and warm forward (median of ``--repeats``);
+* first call (a fresh process's first forward) and warm forward (median of ``--repeats`` calls
+  after it, default 5);
 * ms per megapixel of output;
 * the rate counting the adaptive-convolution FLOPs alone (``2 C H W k^2`` per stage), and that
   rate over the fp32 matmul rate (2048x2048 ``torch.mm``) measured in the same process just
@@ -253,7 +254,9 @@ def render(rows: list[dict], backward: list[dict], unfold: dict | None, ours_unf
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="warm calls timed after the first (median; the first few calls after the "
+                         "first still fault in fresh pages, so fewer than 5 reads high)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None,
                     help=f"output sizes (default {' '.join(map(str, SIZES))})")
     ap.add_argument("--channels", type=int, default=None, help=f"C (default {C_FULL})")
