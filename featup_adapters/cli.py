@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 import warnings
@@ -382,6 +383,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         pass
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not raise again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):   # stdout without a file descriptor
+        pass
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit code (0 success, 1 failure, 2 usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -404,6 +415,9 @@ def main(argv=None) -> int:
         return 130
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BrokenPipeError:  # the reader went away (`featup-adapters list | head`): stop quietly
+        _silence_stdout()
+        return 141            # 128 + SIGPIPE, what a shell tool killed by the pipe returns
     except Exception as exc:  # every failure: one line, traceback only with --debug
         if _interrupted(exc):  # a Ctrl-C that a C++ serializer turned into a RuntimeError
             if debug:

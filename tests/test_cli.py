@@ -268,3 +268,19 @@ def test_hooks_are_detached_when_a_command_fails_after_wrapping(tmp_path, monkey
     assert cli.main(["demo", str(tiny), "--upsampler", "bilinear", "--size", "12x20"]) == 1  # too small
     _assert_one_line_error(capfd.readouterr().err, "too small")
     assert len(built) == 1 and not built[0].attached
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`featup-adapters list | head -1`: when the reader has gone, no traceback, no 'Exception
+    ignored' message, and the exit code a pipe-killed tool gives (141)."""
+    import subprocess
+    import sys
+    read_end, write_end = os.pipe()
+    os.close(read_end)                        # every write to the pipe now fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "featup_adapters.cli", "list"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "", proc.stderr
+    assert proc.returncode == 141
