@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .probe import METHODS, _batches, _extract, _upsample
+from .probe import _batches, _extract, _upsample, resolve_methods
 
 __all__ = ["rgbd_photos", "DepthCrops", "depth_probe", "depth_metrics", "constant_baseline", "MAX_DEPTH"]
 
@@ -182,15 +182,7 @@ def depth_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data: 
     import featup_adapters
     from featup_adapters.adapters import create_backbone
 
-    if methods is None:
-        methods = [m for m in METHODS if not (m == "jbu" and upsampler is None)]
-    methods = list(methods)
-    if "jbu" in methods and upsampler is None:
-        raise ValueError(f"methods {methods} include 'jbu' but upsampler=None: drop 'jbu' or pass the "
-                         "upsampler to probe")
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ValueError(f"expected methods among {list(METHODS)}, got {list(methods)}")
+    methods = resolve_methods(methods, upsampler)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"expected steps >= 1, got {steps!r}")
     if not lr > 0:

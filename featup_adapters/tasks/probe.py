@@ -59,6 +59,21 @@ def _batches(n: int, batch_size: int, steps: int, gen: torch.Generator):
         order = order[batch_size:]
 
 
+def resolve_methods(methods, upsampler) -> list:
+    """The probe methods to run: ``None`` -> all of ``METHODS`` (without ``"jbu"`` when there is no
+    upsampler); anything else is checked, naming what was expected."""
+    if methods is None:
+        methods = [m for m in METHODS if not (m == "jbu" and upsampler is None)]
+    methods = list(methods)
+    if "jbu" in methods and upsampler is None:
+        raise ValueError(f"methods {methods} include 'jbu' but upsampler=None: drop 'jbu' or pass the "
+                         "upsampler to probe")
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"expected methods among {list(METHODS)}, got {list(methods)}")
+    return methods
+
+
 def linear_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data: Dataset, num_classes: int, *,
                  upsampler: Union[None, str, nn.Module] = "auto", methods: Optional[Sequence[str]] = None,
                  layer: Optional[str] = None, steps: int = 300, batch_size: int = 8, lr: float = 1e-2,
@@ -83,15 +98,7 @@ def linear_probe(backbone: Union[str, nn.Module], train_data: Dataset, val_data:
     import featup_adapters
     from featup_adapters.adapters import create_backbone
 
-    if methods is None:
-        methods = [m for m in METHODS if not (m == "jbu" and upsampler is None)]
-    methods = list(methods)
-    if "jbu" in methods and upsampler is None:
-        raise ValueError(f"methods {methods} include 'jbu' but upsampler=None: drop 'jbu' or pass the "
-                         "upsampler to probe")
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ValueError(f"expected methods among {list(METHODS)}, got {list(methods)}")
+    methods = resolve_methods(methods, upsampler)
     if isinstance(backbone, str):
         backbone = create_backbone(backbone, pretrained=pretrained)
     neck = featup_adapters.wrap(backbone, upsampler if "jbu" in methods else "bilinear", layer=layer)
