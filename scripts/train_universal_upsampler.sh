@@ -11,11 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/universal}
-STEPS=${STEPS:-1500}
+STEPS=${STEPS:-1200}
 DATA=${DATA:-$HOME/.cache/featup_adapters/photos/train}
 
 "$PY" -m featup_adapters.cli train-universal \
     --backbone efficientnet_lite0 --backbone efficientnet_lite1 --data "$DATA" --out "$OUT" \
     --init featup_adapters/weights/efficientnet_lite0 \
-    --steps "$STEPS" --batch-size 2 --n-jitters 2 --hr-downscale 2 --image-size 224 \
+    --steps "$STEPS" --lr 3e-4 --batch-size 2 --n-jitters 2 --hr-downscale 2 --image-size 224 \
     --log-every 10 --checkpoint-every 50 --seed 0 --no-progress ${RESUME:+--resume "$OUT"}
