@@ -141,6 +141,19 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 63 - 1)
 
 
+def optimizer_step(loss: Tensor, optim, params, step: int, clip_warmup_steps: int,
+                   clip_warmup_norm: float, where: str = "") -> None:
+    """One update: refuse a non-finite loss (``where`` is added to the message), backward, clip the
+    gradients to ``clip_warmup_norm`` during the first ``clip_warmup_steps`` steps, step."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()} at step {step}{where}")
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    if step < clip_warmup_steps:
+        nn.utils.clip_grad_norm_(params, clip_warmup_norm)
+    optim.step()
+
+
 def _normalize(images: Tensor, mean, std) -> Tensor:
     m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
@@ -358,13 +371,8 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
             loss = _step_loss(model, feats, x, dim=dim, hr_size=hr_size, d=d, n_jitters=n_jitters,
                               max_pad=max_pad, max_zoom=max_zoom,
                               random_projection=random_projection, amp=amp, generator=g)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}")
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if step < clip_warmup_steps:
-                nn.utils.clip_grad_norm_(objective.parameters(), clip_warmup_norm)
-            optim.step()
+            optimizer_step(loss, optim, objective.parameters(), step, clip_warmup_steps,
+                           clip_warmup_norm)
             step += 1
             lv = float(loss.detach())
             loss_sum += lv

@@ -40,7 +40,7 @@ from .downsamplers import make_downsampler
 from .losses import ScaleNet, channel_norm
 from .source import feature_source, release, source_id, source_layer
 from .trainer import (MultiViewObjective, TrainConfig, _BatchOrder, _describe, _normalize,
-                      _snapshot, _step_loss, _step_seed, _write_csv)
+                      _snapshot, _step_loss, _step_seed, _write_csv, optimizer_step)
 
 __all__ = ["train_universal", "FORMAT", "UNIVERSAL_ID"]
 
@@ -245,14 +245,8 @@ def train_universal(backbones, data=None, *, steps: int = 2000, batch_size: int 
             loss = _step_loss(heads[i], feats[i], x, dim=info[i]["feature_dim"], hr_size=hr_size,
                               d=d, n_jitters=n_jitters, max_pad=max_pad, max_zoom=max_zoom,
                               random_projection=random_projection, amp=amp, generator=g)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step} "
-                                         f"(backbone {info[i]['backbone_id']})")
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if step < clip_warmup_steps:
-                nn.utils.clip_grad_norm_(objective.parameters(), clip_warmup_norm)
-            optim.step()
+            optimizer_step(loss, optim, objective.parameters(), step, clip_warmup_steps,
+                           clip_warmup_norm, where=f" (backbone {info[i]['backbone_id']})")
             step += 1
             lv = float(loss.detach())
             sums[i][0] += lv
