@@ -208,12 +208,20 @@ void run_forward(const at::Tensor& x, at::Tensor& out, int64_t h, int64_t w, int
   forward_kernel<T, O>(x.data_ptr<T>(), out.data_ptr<O>(), x.size(0) * x.size(1), h, w, th, tw);
 }
 
-at::Tensor bicubic_pad_cpu(const at::Tensor& input, at::IntArrayRef size, int64_t r) {
-  TORCH_CHECK(input.dim() == 4, "bicubic_pad: expected input of shape [B, C, h, w] (4-D), got ",
+// The checks both forward ops make first; returns the input's dtype. `rows` names the input's
+// third dimension in the message.
+at::ScalarType check_forward_input(const char* op, const at::Tensor& input, at::IntArrayRef size,
+                                   const char* rows) {
+  TORCH_CHECK(input.dim() == 4, op, ": expected input of shape [B, C, ", rows, ", w] (4-D), got ",
               input.dim(), "-D tensor of shape ", input.sizes());
-  TORCH_CHECK(size.size() == 2, "bicubic_pad: expected size (H, W), got ", size);
+  TORCH_CHECK(size.size() == 2, op, ": expected size (H, W), got ", size);
   const auto dtype = input.scalar_type();
-  TORCH_CHECK(at::isFloatingType(dtype), "bicubic_pad: expected a floating dtype, got ", dtype);
+  TORCH_CHECK(at::isFloatingType(dtype), op, ": expected a floating dtype, got ", dtype);
+  return dtype;
+}
+
+at::Tensor bicubic_pad_cpu(const at::Tensor& input, at::IntArrayRef size, int64_t r) {
+  const auto dtype = check_forward_input("bicubic_pad", input, size, "h");
   const int64_t B = input.size(0), C = input.size(1), h = input.size(2), w = input.size(3);
   const int64_t H = size[0], W = size[1];
   check_sizes("bicubic_pad", h, w, H, W, r);
@@ -238,11 +246,7 @@ at::Tensor bicubic_pad_cpu(const at::Tensor& input, at::IntArrayRef size, int64_
 // those of the whole map, so a band equals the same rows of the whole op's output exactly.
 at::Tensor bicubic_pad_rows_cpu(const at::Tensor& input, at::IntArrayRef size, int64_t r,
                                 int64_t src_rows, int64_t src_row0, int64_t row0, int64_t row1) {
-  TORCH_CHECK(input.dim() == 4, "bicubic_pad_rows: expected input of shape [B, C, rows, w] (4-D), got ",
-              input.dim(), "-D tensor of shape ", input.sizes());
-  TORCH_CHECK(size.size() == 2, "bicubic_pad_rows: expected size (H, W), got ", size);
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(at::isFloatingType(dtype), "bicubic_pad_rows: expected a floating dtype, got ", dtype);
+  const auto dtype = check_forward_input("bicubic_pad_rows", input, size, "rows");
   const int64_t B = input.size(0), C = input.size(1), hb = input.size(2), w = input.size(3);
   const int64_t H = size[0], W = size[1];
   check_sizes("bicubic_pad_rows", src_rows, w, H, W, r);
