@@ -38,6 +38,8 @@ SHAPES = [  # (B, C, h, w), (H, W), r
     ((1, 1, 20, 30), (70, 90), 3),     # few planes: each plane split in row chunks over threads
     ((3, 5, 4, 6), (9, 11), 4),        # r = 4 < min side
     ((1, 2, 5, 5), (4, 4), 4),         # r = output side: replicate
+    ((1, 2, 12, 16), (48, 32), 3),     # integer factors 4 and 2: periodic interior columns
+    ((1, 1, 3, 40), (5, 200), 2),      # 5x along x, one long periodic run between the borders
 ]
 
 

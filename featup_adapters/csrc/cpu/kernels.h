@@ -28,10 +28,12 @@ struct KernelSet {
 // Row kernels of the bicubic resize + pad op (resize_rows_impl.h): tables are [l][j], n apart.
 //   gather_cols(dst, src, idx, w, L, n):  dst[j] = sum_{l < L} w[l][j] * src[idx[l][j]]
 //   combine_rows(dst, rows, w, L, n):     dst[q] = sum_{l < L} w[l] * rows[l][q]
+//   periodic_cols(dst, src, base, w, p, count): dst[m p + q] = sum_{k < 4} w[4q + k] src[base[q] + m + k]
 template <typename T>
 struct ResizeKernels {
   void (*gather_cols)(T* dst, const T* src, const int32_t* idx, const T* w, int64_t L, int64_t n);
   void (*combine_rows)(T* dst, const T* const* rows, const T* w, int64_t L, int64_t n);
+  void (*periodic_cols)(T* dst, const T* src, const int32_t* base, const T* w, int64_t p, int64_t count);
 };
 
 struct IsaKernels {

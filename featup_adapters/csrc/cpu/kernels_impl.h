@@ -353,8 +353,8 @@ const IsaKernels& kernels() {
       FA_ISA_NAME, CB,
       KernelSet<float>{&forward<float>, &grad_input<float>, &grad_filters<float>},
       KernelSet<double>{&forward<double>, &grad_input<double>, &grad_filters<double>},
-      ResizeKernels<float>{&gather_cols<float>, &combine_rows<float>},
-      ResizeKernels<double>{&gather_cols<double>, &combine_rows<double>}};
+      ResizeKernels<float>{&gather_cols<float>, &combine_rows<float>, &periodic_cols<float>},
+      ResizeKernels<double>{&gather_cols<double>, &combine_rows<double>, &periodic_cols<double>}};
   return table;
 }
 

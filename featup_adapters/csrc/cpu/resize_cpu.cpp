@@ -5,7 +5,9 @@
 // Both steps are separable and the padding only re-indexes output rows / columns, so each axis
 // is a table of 4 (source index, weight) taps per *padded* output position. Per plane and thread:
 //   1. a source row is resized along x into a ring of 8 rows (slot = source row % 8; the 4
-//      taps of one output row are consecutive source rows, so they never share a slot);
+//      taps of one output row are consecutive source rows, so they never share a slot); for an
+//      integer factor the interior columns are shifted contiguous loads (ColPlan), the borders
+//      and the padding gathers;
 //   2. each padded output row combines the 4 ring rows of its taps (vectorized over x).
 // The backward is the transpose: per source row, a combination of the grad rows that used it
 // (a list per source row), then a gather along x over the columns that used each source column
@@ -72,6 +74,83 @@ Taps<T> forward_taps(int64_t n_in, int64_t n_out, int64_t r, bool reflect) {
   return t;
 }
 
+// The columns of one resized row: a periodic interior run (integer factor p = n_out / n_in,
+// consecutive taps, the weights of position P + p those of P, the taps one source column on) done
+// by periodic_cols, and the rest (borders, reflected padding) by gather_cols from own tables.
+template <typename T>
+struct ColPlan {
+  Taps<T> head, tail;      // positions [0, start) and [start + periods * p, n)
+  int64_t start = 0, periods = 0, p = 0;
+  std::vector<int32_t> base;  // [p]
+  std::vector<T> w;           // [p][4]
+};
+
+template <typename T>
+Taps<T> sub_taps(const Taps<T>& t, int64_t a, int64_t b) {
+  const int64_t n = b - a;
+  Taps<T> s{n, std::vector<int32_t>(kTaps * n), std::vector<T>(kTaps * n)};
+  for (int64_t k = 0; k < kTaps; ++k)
+    for (int64_t P = 0; P < n; ++P) {
+      s.idx[k * n + P] = t.idx[k * t.n + a + P];
+      s.w[k * n + P] = t.w[k * t.n + a + P];
+    }
+  return s;
+}
+
+template <typename T>
+ColPlan<T> col_plan(const Taps<T>& t, int64_t n_in, int64_t n_out) {
+  ColPlan<T> c;
+  const int64_t n = t.n, p = n_out % n_in == 0 ? n_out / n_in : 0;
+  auto consecutive = [&](int64_t P) {
+    for (int64_t k = 1; k < kTaps; ++k)
+      if (t.idx[k * n + P] != t.idx[P] + k) return false;
+    return true;
+  };
+  auto periodic = [&](int64_t P) {  // P and P + p: one period apart
+    if (P + p >= n || !consecutive(P) || !consecutive(P + p) || t.idx[P + p] != t.idx[P] + 1) return false;
+    for (int64_t k = 0; k < kTaps; ++k)
+      if (t.w[k * n + P + p] != t.w[k * n + P]) return false;
+    return true;
+  };
+  int64_t best_a = 0, best_len = 0;
+  if (p >= 1 && p <= 16) {
+    for (int64_t P = 0; P < n;) {
+      if (!periodic(P)) { ++P; continue; }
+      int64_t e = P;
+      while (e < n && periodic(e)) ++e;
+      if (e + p - P > best_len) { best_a = P; best_len = e + p - P; }  // [P, e + p) is periodic
+      P = e;
+    }
+  }
+  c.p = p;
+  c.periods = p > 0 ? best_len / p : 0;
+  if (c.periods < 2) {  // nothing worth a fast path: all positions gathered
+    c.periods = 0;
+    c.head = t;
+    c.tail = Taps<T>{0, {}, {}};
+    return c;
+  }
+  c.start = best_a;
+  c.head = sub_taps(t, 0, best_a);
+  c.tail = sub_taps(t, best_a + c.periods * p, n);
+  c.base.resize(p);
+  c.w.resize(p * kTaps);
+  for (int64_t q = 0; q < p; ++q) {
+    c.base[q] = t.idx[best_a + q];
+    for (int64_t k = 0; k < kTaps; ++k) c.w[q * kTaps + k] = t.w[k * n + best_a + q];
+  }
+  return c;
+}
+
+template <typename T>
+void resize_row(const cpu::ResizeKernels<T>& ks, T* dst, const T* src, const ColPlan<T>& c) {
+  if (c.head.n > 0) ks.gather_cols(dst, src, c.head.idx.data(), c.head.w.data(), kTaps, c.head.n);
+  if (c.periods == 0) return;
+  ks.periodic_cols(dst + c.start, src, c.base.data(), c.w.data(), c.p, c.periods);
+  if (c.tail.n > 0)
+    ks.gather_cols(dst + c.start + c.periods * c.p, src, c.tail.idx.data(), c.tail.w.data(), kTaps, c.tail.n);
+}
+
 // The transpose of forward taps: for each source position s, the padded positions that read it
 // with their summed weights (duplicate taps of a clamped border merged).
 template <typename T>
@@ -121,10 +200,11 @@ int64_t rows_per_item(int64_t planes, int64_t rows) {
 
 template <typename T, typename O>
 void forward_kernel(const T* x, O* out, int64_t planes, int64_t h, int64_t w, const Taps<T>& th,
-                    const Taps<T>& tw, int64_t plane_stride = -1) {
+                    const Taps<T>& tw, int64_t W, int64_t plane_stride = -1) {
   if (plane_stride < 0) plane_stride = h * w;
   const auto& ks = resize_kernels<T>();
   const int64_t Hp = th.n, Wp = tw.n;
+  const ColPlan<T> cols = col_plan(tw, w, W);
   const int64_t chunk = rows_per_item(planes, Hp), nchunks = (Hp + chunk - 1) / chunk;
   at::parallel_for(0, planes * nchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> ring(kRing * Wp), row(std::is_same<T, O>::value ? 0 : Wp);
@@ -141,7 +221,7 @@ void forward_kernel(const T* x, O* out, int64_t planes, int64_t h, int64_t w, co
         for (int64_t k = 0; k < kTaps; ++k) {
           const int64_t i = th.idx[k * Hp + P], slot = i % kRing, key = plane * h + i;
           if (tag[slot] != key) {
-            ks.gather_cols(ring.data() + slot * Wp, src + i * w, tw.idx.data(), tw.w.data(), kTaps, Wp);
+            resize_row(ks, ring.data() + slot * Wp, src + i * w, cols);
             tag[slot] = key;
           }
           rows[k] = ring.data() + slot * Wp;
@@ -205,7 +285,7 @@ void run_forward(const at::Tensor& x, at::Tensor& out, int64_t h, int64_t w, int
                  bool reflect) {
   const auto th = forward_taps<T>(h, H, r, reflect);
   const auto tw = forward_taps<T>(w, W, r, reflect);
-  forward_kernel<T, O>(x.data_ptr<T>(), out.data_ptr<O>(), x.size(0) * x.size(1), h, w, th, tw);
+  forward_kernel<T, O>(x.data_ptr<T>(), out.data_ptr<O>(), x.size(0) * x.size(1), h, w, th, tw, W);
 }
 
 // The checks both forward ops make first; returns the input's dtype. `rows` names the input's
@@ -277,7 +357,7 @@ at::Tensor bicubic_pad_rows_cpu(const at::Tensor& input, at::IntArrayRef size, i
       }
     const auto tw = forward_taps<scalar_t>(w, W, r, reflect);
     forward_kernel<scalar_t, scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B * C, hb, w, th, tw,
-                                       plane_stride);
+                                       W, plane_stride);
   });
   return out.to(dtype);
 }

@@ -3,6 +3,7 @@
 //
 //   gather_cols:  dst[j] = sum_{l < L} w[l][j] * src[idx[l][j]]    (one row, taps along the row)
 //   combine_rows: dst[q] = sum_{l < L} w[l] * rows[l][q]            (taps across rows)
+//   periodic_cols: gather_cols's interior for an integer factor, as shifted contiguous loads
 //
 // Tables are structure-of-arrays ([l][j], `n` apart) so that the loops over j / q run over
 // contiguous memory and vectorize (gathers for gather_cols).
@@ -25,6 +26,30 @@ void gather_cols(T* __restrict dst, const T* __restrict src, const int32_t* __re
     const int32_t* il = idx + l * n;
     const T* wl = w + l * n;
     for (int64_t j = 0; j < n; ++j) dst[j] += wl[j] * src[il[j]];
+  }
+}
+
+// The periodic interior of an integer-factor resize (no gathers): for m < count, phase q < p,
+//   dst[m * p + q] = sum_{k < 4} w[4 q + k] * src[base[q] + m + k]
+// (contiguous loads per phase; p = 2, FeatUp's 2x stages, has its own loop).
+template <typename T>
+void periodic_cols(T* __restrict dst, const T* __restrict src, const int32_t* base, const T* w,
+                   int64_t p, int64_t count) {
+  if (p == 2) {
+    const T* __restrict a = src + base[0];
+    const T* __restrict b = src + base[1];
+    const T a0 = w[0], a1 = w[1], a2 = w[2], a3 = w[3], b0 = w[4], b1 = w[5], b2 = w[6], b3 = w[7];
+    for (int64_t m = 0; m < count; ++m) {
+      dst[2 * m] = a0 * a[m] + a1 * a[m + 1] + a2 * a[m + 2] + a3 * a[m + 3];
+      dst[2 * m + 1] = b0 * b[m] + b1 * b[m + 1] + b2 * b[m + 2] + b3 * b[m + 3];
+    }
+    return;
+  }
+  for (int64_t q = 0; q < p; ++q) {
+    const T* __restrict s = src + base[q];
+    const T w0 = w[4 * q], w1 = w[4 * q + 1], w2 = w[4 * q + 2], w3 = w[4 * q + 3];
+    for (int64_t m = 0; m < count; ++m)
+      dst[m * p + q] = w0 * s[m] + w1 * s[m + 1] + w2 * s[m + 2] + w3 * s[m + 3];
   }
 }
 
