@@ -78,7 +78,23 @@ def _neck(args, model, device, *, fallback: str | None = None):
         neck = wrap(model, fallback, layer=args.layer)
         label = None
     getattr(args, "_necks", []).append(neck)
+    _upsample_in_dtype(neck, getattr(args, "dtype", None))
     return neck.to(device).eval(), label
+
+
+def _upsample_in_dtype(neck, dtype_name) -> None:
+    """``upsample --dtype float16``: an upsampler that takes ``out_dtype`` (JBUStack) writes its
+    output in that dtype directly (half the peak memory of a float32 output converted after);
+    the others' outputs are converted when saved."""
+    from .neck import _supported
+
+    if dtype_name in (None, "float32"):
+        return
+    options = {**neck.upsampler_options, "out_dtype": getattr(torch, dtype_name)}
+    try:
+        neck.upsampler_options = _supported(neck.upsampler, options)
+    except TypeError:
+        pass                      # no out_dtype on this upsampler: converted per image instead
 
 
 def _upsampler_label(neck, requested: str) -> str:

@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", choices=("pt", "safetensors"), default="pt")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                   help="dtype of the saved features (default: %(default)s)")
+                   help="dtype of the saved features; a JBU upsampler computes its output in it "
+                        "directly, halving its peak memory for 16-bit (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per forward (default: %(default)s)")
     p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
                    help="memory budget of the JBU upsampler's forward, e.g. 4GB, 512MiB or bytes "

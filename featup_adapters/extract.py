@@ -385,7 +385,7 @@ def _process(args, neck, label, shard, out_dir: Path, settings: dict, info) -> i
                     # one image's own tensor: a clone, never a view of the batch's storage
                     feats = hr[i].to("cpu", dtype).clone(memory_format=torch.contiguous_format)
                     if rgb is not None:
-                        lr_rgb, hr_rgb = viz.pca_rgb(lr[i], hr[i], fit_on=0)
+                        lr_rgb, hr_rgb = viz.pca_rgb(lr[i].float(), hr[i].float(), fit_on=0)
                         viz.panel([rgb, lr_rgb, hr_rgb],
                                   [f"image {rgb.shape[0]}x{rgb.shape[1]}",
                                    f"low-res {lr.shape[-2]}x{lr.shape[-1]}",

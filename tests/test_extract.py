@@ -247,3 +247,24 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     assert {f: (out / f).stat().st_mtime_ns for f in done} == stamps  # not redone
     assert sorted(r["file"] for r in _manifest(out)) == [f"img{i:02d}.pt" for i in range(n)]
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith("manifest.rank")]
+
+
+def test_dtype_reaches_a_jbu_upsampler_as_out_dtype_and_others_convert_when_saved(tiny):
+    """``upsample --dtype float16``: JBUStack computes its output in float16 directly (no float32
+    full-size map first); bilinear takes no out_dtype and is left as it is (converted when saved)."""
+    import featup_adapters
+    from featup_adapters._cli_pictures import _upsample_in_dtype
+    from featup_adapters.upsamplers import JBUStack
+
+    backbone = featup_adapters.create_backbone(NAME)
+    neck = featup_adapters.wrap(backbone, JBUStack(4).eval())
+    _upsample_in_dtype(neck, "float16")
+    with torch.no_grad():
+        assert neck(torch.rand(1, 3, 16, 16)).dtype == torch.float16
+    neck.remove()
+    neck = featup_adapters.wrap(featup_adapters.create_backbone(NAME), "bilinear")
+    _upsample_in_dtype(neck, "bfloat16")
+    assert "out_dtype" not in neck.upsampler_options
+    with torch.no_grad():
+        assert neck(torch.rand(1, 3, 16, 16)).dtype == torch.float32
+    neck.remove()
