@@ -244,8 +244,9 @@ def tiled_forward(stages, source: Tensor, guidances: list[Tensor], sizes, *, rad
     for a in range(0, H, band_rows):
         b = min(H, a + band_rows)
         band = level.compute(a, b)
-        if bias is not None:
-            band.add_(bias.view(1, -1, 1, 1).to(band.dtype))
-        out[:, :, a:b].copy_(band)
+        if bias is not None:         # the bias, the cast and the copy into `out` in one pass
+            torch.add(band, bias.view(1, -1, 1, 1).to(band.dtype), out=out[:, :, a:b])
+        else:
+            out[:, :, a:b].copy_(band)
         del band
     return out
