@@ -1,0 +1,123 @@
+"""How low can ANY upsampler push the held-out multi-view error?  An empirical floor.
+
+For each held-out photo, a free high-resolution feature map (``C x H/d x W/d``, one value per pixel
+and channel, no upsampler at all) is optimized directly to predict the backbone's features of
+``--fit-views`` jittered views (the same jitters, fixed area-average downsampler and loss as
+``training.evaluate.multiview_error``), starting from bilinear.  It is then scored by
+``multiview_error`` itself on the evaluation's own views (seed 0), which the fit never saw.
+
+Any upsampler's output is one such map.  On the views it was fitted to, the free map's error is
+(up to the optimizer's convergence) the least any map reaches on them; the script prints it next
+to bilinear's on the same views, and the held-out score next to the upsampler's and bilinear's:
+
+    python scripts/multiview_ceiling.py --data ~/.cache/featup_adapters/photos/val --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import featup_adapters
+from featup_adapters.data import as_dataset
+from featup_adapters.training.evaluate import multiview_error
+from featup_adapters.training.jitter import sample_jitter
+from featup_adapters.training.trainer import _normalize
+from featup_adapters.upsamplers import make_upsampler
+
+
+class _Lookup(nn.Module):
+    """An 'upsampler' that returns the fitted map of the guidance image it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.maps = {}
+
+    @staticmethod
+    def key(x):
+        return hash(x.detach().contiguous().numpy().tobytes())
+
+    def forward(self, source, guidance, output_size):
+        return torch.stack([self.maps[self.key(g)] for g in guidance])
+
+
+def fit_map(neck, x, d, fit_views, steps, lr, seed):
+    """Fit one free map for the normalized image ``x[1, 3, H, W]``; returns (map, fit error)."""
+    k = int(neck.stride) // d
+    H, W = x.shape[-2] // d, x.shape[-1] // d
+    with torch.no_grad():
+        src = neck.features(x).float()
+        g = torch.Generator().manual_seed(seed)
+        views = [sample_jitter((H, W), 20 // d, 2.0, generator=g) for _ in range(fit_views)]
+        targets = [neck.features(t.scaled(d)(x)).float() for t in views]
+    hr = F.interpolate(src, size=(H, W), mode="bilinear", align_corners=False).clone().requires_grad_(True)
+    opt = torch.optim.Adam([hr], lr=lr)
+    den = sum(float((t - t.mean(dim=(0, 2, 3), keepdim=True)).square().sum()) for t in targets)
+    curve = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = 0.0
+        for t, target in zip(views, targets):
+            v = t(hr)
+            h, w = target.shape[-2:]
+            if tuple(v.shape[-2:]) != (h * k, w * k):
+                v = F.interpolate(v, size=(h * k, w * k), mode="bilinear", align_corners=False)
+            loss = loss + (F.avg_pool2d(v, k) - target).square().sum()
+        (loss / den).backward()
+        curve.append(float(loss.detach()) / den)
+        opt.step()
+    return hr.detach()[0], curve
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--upsampler", default="auto", help="whose use_norm the features follow")
+    p.add_argument("--data", default="embedded:val")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--factor", type=int, default=16)
+    p.add_argument("--views", type=int, default=8, help="evaluation views (as eval)")
+    p.add_argument("--fit-views", type=int, default=64)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    neck = featup_adapters.wrap(a.backbone, a.upsampler).eval()
+    d = int(neck.stride) // a.factor
+    ds = as_dataset(a.data, a.image_size, min_size=int(neck.stride))
+    images = torch.stack([ds[i] for i in range(len(ds))])
+    oracle = _Lookup()
+    fit_errs = []
+    for i in range(images.shape[0]):
+        x = _normalize(images[i:i + 1].float(), neck.mean, neck.std)
+        m, curve = fit_map(neck, x, d, a.fit_views, a.steps, a.lr, seed=1000 + i)
+        oracle.maps[_Lookup.key(x[0])] = m
+        fit_errs.append({"bilinear": curve[0], "fitted": curve[-1], "curve": curve[::10]})
+        print(f"photo {i + 1}/{len(ds)}: fit-view error bilinear {curve[0]:.4f} -> {curve[-1]:.4f} "
+              f"({curve[-1] / curve[0]:.3f}x; every 10 steps {[round(c, 4) for c in curve[::10]]})",
+              file=sys.stderr, flush=True)
+    res = {}
+    for name, m in (("free map (fitted)", oracle), ("upsampler", neck.upsampler),
+                    ("bilinear", make_upsampler("bilinear"))):
+        res[name] = multiview_error(neck, m, images, n_views=a.views, seed=0, hr_downscale=d)
+    print(f"{'method':<18} {'mv error':>9} {'x bilinear':>10}")
+    for name, v in res.items():
+        print(f"{name:<18} {v:9.4f} {v / res['bilinear']:10.3f}")
+    fb = sum(e["bilinear"] for e in fit_errs) / len(fit_errs)
+    ff = sum(e["fitted"] for e in fit_errs) / len(fit_errs)
+    print(f"on the fitted views themselves (mean over photos): bilinear {fb:.4f}, free map {ff:.4f} "
+          f"({ff / fb:.3f}x)")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"multiview_error": res, "fit_view_error": fit_errs, "args": vars(a)}, fh, indent=1)
+    neck.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
