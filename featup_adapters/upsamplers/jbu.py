@@ -17,8 +17,9 @@ Differences from FeatUp; none changes a result at 16x beyond float rounding:
 * Any output size.  See ``JBUStack.stage_plan`` for how sizes are scheduled across stages.
 * Nothing is unfolded.  The range logits are one k*k-tap dot product per pixel
   (``_range.range_logits``: the compiled ``adaptive_conv_grad_filters`` op, or a loop over the
-  taps), the kernel is built channels-last (the layout ``adaptive_conv`` takes), and on CPU the
-  bicubic resize and the reflect padding are two matrix products (``_resize.bicubic_pad``).
+  taps), the kernel is built channels-last (the layout ``adaptive_conv`` takes), and the bicubic
+  resize and the reflect padding are one op (``_resize.bicubic_pad``: on CPU one separable 4-tap
+  pass that writes the padded map).
 * The stack's final 1x1 fixup runs on the source map (14x14 at 224 output) instead of the output:
   ``x + 0.1 (W x + b)`` with ``x = A(s)`` equals ``A(s + 0.1 W s) + 0.1 b`` for the whole stack
   ``A``, which is linear in its source and acts on every channel alike (the kernels depend on the
