@@ -43,6 +43,16 @@ def _add_pretrained(p: argparse.ArgumentParser, note: str) -> None:
                         + (f"; {note}" if note else ""))
 
 
+def _dropout(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
+    return v
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """The options ``train`` and ``train-universal`` share (data, output, schedule, objective)."""
     p.add_argument("--data", default="embedded",
@@ -59,6 +69,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-zoom", type=_zoom, default=2.0, help="largest zoom of a view (>= 1)")
     p.add_argument("--random-projection", type=non_negative_int, default=30, help="0 = compare all channels")
     p.add_argument("--downsampler", choices=("attention", "simple"), default="attention")
+    p.add_argument("--downsampler-dropout", type=_dropout, default=None, metavar="P",
+                   help="dropout on the attention downsampler's logit input (default 0, or the "
+                        "value of the run being resumed); 0 lets training upsample only the random "
+                        "projections the loss compares, several times faster; runs before 2026-12 used 0.1")
     p.add_argument("--tv-weight", type=non_negative_float, default=0.0)
     p.add_argument("--crf-weight", type=non_negative_float, default=0.001,
                    help="weight of FeatUp's CRF prior on the first view of each step; 0 = off "
@@ -112,7 +126,8 @@ def run_train(args) -> int:
         image_size=args.image_size, lr=args.lr, out_dir=args.out, layer=args.layer,
         n_jitters=args.n_jitters, max_pad=args.max_pad, max_zoom=args.max_zoom,
         random_projection=args.random_projection, downsampler=args.downsampler,
-        tv_weight=args.tv_weight, crf_weight=args.crf_weight, use_norm=not args.no_norm,
+        downsampler_dropout=args.downsampler_dropout, tv_weight=args.tv_weight,
+        crf_weight=args.crf_weight, use_norm=not args.no_norm,
         hr_downscale=args.hr_downscale, seed=args.seed, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every, snapshots=not args.no_snapshots, resume=args.resume,
         amp=args.amp, device=args.device, progress=not args.no_progress,
@@ -162,7 +177,8 @@ def run_train_universal(args) -> int:
         list(zip(args.backbone, layers)), args.data, steps=args.steps, batch_size=args.batch_size,
         image_size=args.image_size, lr=args.lr, out_dir=args.out, n_jitters=args.n_jitters,
         max_pad=args.max_pad, max_zoom=args.max_zoom, random_projection=args.random_projection,
-        downsampler=args.downsampler, tv_weight=args.tv_weight, crf_weight=args.crf_weight,
+        downsampler=args.downsampler, downsampler_dropout=args.downsampler_dropout,
+        tv_weight=args.tv_weight, crf_weight=args.crf_weight,
         use_norm=not args.no_norm, hr_downscale=args.hr_downscale, seed=args.seed,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         snapshots=not args.no_snapshots, resume=args.resume, amp=args.amp, device=args.device,

@@ -9,6 +9,12 @@ aspect ratio and any stride work, also sizes that are not multiples of the strid
   patches and channels.
 - :class:`AttentionDownsampler`: per patch a softmax over the k x k taps of logits from a 1x1
   projection of the (optionally Gaussian-blurred) features, times a learned per-tap weight plus bias.
+
+Training compares only random projections ``P @ D(t(F_hr))`` of the prediction, and both
+downsamplers pool every channel with the same weights, so they also run on projected features
+(``linear_inputs`` / ``forward_projected``): the values ``P @ F_hr`` and, for the attention
+downsampler, the one-channel map its logits come from (its 1x1 projection commutes with the blur,
+the resize and the jitter, which are all linear, channel-wise and keep constants).
 """
 from __future__ import annotations
 
@@ -57,6 +63,15 @@ class SimpleDownsampler(nn.Module):
         patches = _to_patches(hr, out_size, self.kernel_size)
         return patches @ self.kernel().reshape(-1).to(patches.dtype)
 
+    def linear_inputs(self):
+        """The linear maps of the features besides the values that pooling needs: none (``()``;
+        None would mean pooling needs the full features)."""
+        return ()
+
+    def forward_projected(self, values: Tensor, extra: Tensor | None, out_size) -> Tensor:
+        """``forward`` on ``values = P @ hr`` (``Tensor[B, n, H, W]``): equals ``P @ forward(hr)``."""
+        return self.forward(values, out_size)
+
 
 class AttentionDownsampler(nn.Module):
     """Per-patch attention pooling.
@@ -65,19 +80,23 @@ class AttentionDownsampler(nn.Module):
         dim: feature channels C.
         kernel_size: patch size k (the backbone's stride / patch size).
         blur_attn: compute the attention logits from Gaussian-blurred features (sigma = 1 px).
+        dropout: dropout on the features the logits are projected from (FeatUp's code drops
+            them; 0 turns it off, which lets training run on projected features).
 
     Shape:
         ``forward(hr: Tensor[B, C, H, W], out_size=(h, w)) -> Tensor[B, C, h, w]``
     """
 
-    def __init__(self, dim: int, kernel_size: int, blur_attn: bool = True):
+    def __init__(self, dim: int, kernel_size: int, blur_attn: bool = True, dropout: float = 0.1):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"expected kernel_size >= 1, got {kernel_size}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"expected dropout in [0, 1), got {dropout}")
         self.dim = int(dim)
         self.kernel_size = int(kernel_size)
         self.blur_attn = blur_attn
-        self.attention_net = nn.Sequential(nn.Dropout(0.1), nn.Conv2d(dim, 1, 1))
+        self.attention_net = nn.Sequential(nn.Dropout(float(dropout)), nn.Conv2d(dim, 1, 1))
         self.w = nn.Parameter(torch.ones(kernel_size * kernel_size))
         self.b = nn.Parameter(torch.zeros(kernel_size * kernel_size))
 
@@ -106,11 +125,40 @@ class AttentionDownsampler(nn.Module):
         patches = _to_patches(hr, (h, w), k)                              # [B, C, h, w, k*k]
         return torch.einsum("bchwn,bhwn->bchw", patches, attn)
 
+    def linear_inputs(self):
+        """``(weight: Tensor[1, C], bias: Tensor[1])`` of the logit projection, or None while
+        dropout acts on its input (then only the full features give the same logits)."""
+        drop, conv = self.attention_net[0], self.attention_net[1]
+        if self.training and drop.p > 0:
+            return None
+        return conv.weight[:, :, 0, 0], conv.bias
 
-def make_downsampler(kind: str, dim: int, kernel_size: int) -> nn.Module:
-    """``"simple"`` or ``"attention"``."""
+    def forward_projected(self, values: Tensor, extra: Tensor, out_size) -> Tensor:
+        """``forward`` from projections: ``values = P @ hr`` (``Tensor[B, n, H, W]``) and
+        ``extra = w @ hr + b`` (``Tensor[B, 1, H, W]``, from :meth:`linear_inputs`); equals
+        ``P @ forward(hr)`` (to float rounding) whenever :meth:`linear_inputs` is not None."""
+        if values.dim() != 4 or extra is None or extra.dim() != 4 or extra.shape[1] != 1 \
+                or extra.shape[0] != values.shape[0] or extra.shape[-2:] != values.shape[-2:]:
+            raise ValueError(f"expected values [B, n, H, W] and logit inputs [B, 1, H, W], got "
+                             f"{list(values.shape)} and "
+                             f"{None if extra is None else list(extra.shape)}")
+        k = self.kernel_size
+        h, w = int(out_size[0]), int(out_size[1])
+        both = torch.cat([values, extra.to(values.dtype)], dim=1)
+        if tuple(both.shape[-2:]) != (h * k, w * k):
+            both = F.interpolate(both, size=(h * k, w * k), mode="bilinear", align_corners=False)
+        values, src = both[:, :-1], both[:, -1:]
+        if self.blur_attn:
+            src = self._blur(src)
+        logits = _to_patches(src, (h, w), k)[:, 0]
+        attn = torch.softmax(logits * self.w + self.b, dim=-1)
+        return torch.einsum("bchwn,bhwn->bchw", _to_patches(values, (h, w), k), attn)
+
+
+def make_downsampler(kind: str, dim: int, kernel_size: int, dropout: float = 0.1) -> nn.Module:
+    """``"simple"`` or ``"attention"`` (``dropout``: the attention downsampler's)."""
     if kind == "simple":
         return SimpleDownsampler(kernel_size)
     if kind == "attention":
-        return AttentionDownsampler(dim, kernel_size)
+        return AttentionDownsampler(dim, kernel_size, dropout=dropout)
     raise ValueError(f"expected downsampler 'simple' or 'attention', got {kind!r}")

@@ -74,19 +74,52 @@ def sample_jitter(size: tuple[int, int], max_pad: int = 20, max_zoom: float = 2.
     return Jitter((H, W), pad, (zh, zw), top, left, u[4] < flip_prob)
 
 
+def _source_coords(n_out: int, pad: int, n_in: int, zoomed: int, start: int, flip: bool) -> Tensor:
+    """Along one axis: the (fractional) input coordinate each output pixel samples, float64.
+
+    Output pixel ``j`` is zoomed pixel ``start + j``; bilinear resizing (``align_corners=False``)
+    reads the padded map at ``(start + j + 0.5) * padded / zoomed - 0.5`` (clamped to the map);
+    reflect padding mirrors about the first and last pixel centres, and linear interpolation
+    commutes with that mirror, so the padded coordinate maps to ``|u - pad|`` mirrored again at
+    ``n_in - 1``.
+    """
+    padded = n_in + 2 * pad
+    u = torch.arange(start, start + n_out, dtype=torch.float64)
+    if zoomed != padded:
+        u = ((u + 0.5) * (padded / zoomed) - 0.5).clamp(0, padded - 1)
+    u = (u - pad).abs()
+    u = torch.where(u > n_in - 1, 2 * (n_in - 1) - u, u)
+    return u.flip(0) if flip else u
+
+
 def apply_jitter(x: Tensor, t: Jitter) -> Tensor:
-    """Apply ``t`` to ``Tensor[B, C, H, W]`` (``(H, W)`` must be ``t.size``); differentiable."""
+    """Apply ``t`` to ``Tensor[B, C, H, W]`` (``(H, W)`` must be ``t.size``); differentiable.
+
+    The result equals reflect padding, a bilinear resize of the whole padded map and a crop, but
+    only the crop is computed: pad, resize, crop and flip become one input coordinate per output
+    row and column, read by ``grid_sample`` (bilinear) when zoomed, and by indexing (exact)
+    otherwise.  Zoomed maps are up to ``(2 * max_zoom)^2`` times the crop, so this is several
+    times faster, forward and backward.
+    """
     if x.dim() != 4:
         raise ValueError(f"expected a tensor of shape [B, C, H, W], got {list(x.shape)}")
     if tuple(x.shape[-2:]) != tuple(t.size):
         raise ValueError(f"this jitter was sampled for spatial size {list(t.size)}, got a tensor "
                          f"of shape {list(x.shape)}")
     H, W = t.size
-    if t.pad > 0:
-        x = F.pad(x, (t.pad,) * 4, mode="reflect")
-    if tuple(x.shape[-2:]) != tuple(t.zoomed):
-        x = F.interpolate(x, size=t.zoomed, mode="bilinear", align_corners=False)
-    x = x[..., t.top:t.top + H, t.left:t.left + W]
-    if t.flip:
-        x = x.flip(-1)
-    return x
+    uy = _source_coords(H, t.pad, H, t.zoomed[0], t.top, False)
+    ux = _source_coords(W, t.pad, W, t.zoomed[1], t.left, t.flip)
+    if tuple(t.zoomed) == (H + 2 * t.pad, W + 2 * t.pad):      # integer coordinates: indexing
+        rows, cols = uy.long().to(x.device), ux.long().to(x.device)
+        if bool((rows == torch.arange(H, device=x.device)).all()):
+            y = x
+        else:
+            y = x.index_select(-2, rows)
+        if bool((cols == torch.arange(W, device=x.device)).all()):
+            return y
+        return y.index_select(-1, cols)
+    gy = ((2 * uy + 1) / H - 1).to(device=x.device, dtype=x.dtype)
+    gx = ((2 * ux + 1) / W - 1).to(device=x.device, dtype=x.dtype)
+    grid = torch.stack([gx[None, :].expand(H, W), gy[:, None].expand(H, W)], dim=-1)
+    return F.grid_sample(x, grid[None].expand(x.shape[0], -1, -1, -1), mode="bilinear",
+                         padding_mode="border", align_corners=False)

@@ -58,6 +58,7 @@ class TrainConfig:
     max_zoom: float = 2.0
     random_projection: int = 30
     downsampler: str = "attention"
+    downsampler_dropout: float = 0.0
     tv_weight: float = 0.0
     crf_weight: float = 0.001
     use_norm: bool = True
@@ -76,37 +77,99 @@ class MultiViewObjective(nn.Module):
         where ``views`` is a list of ``(Jitter, target: Tensor[B, C, h', w'])``; returns a scalar.
         With ``crf_weight > 0``, ``crf_weight * crf_loss(proj(F_hr), image)`` is added once per
         step (FeatUp adds it on the first jitter); ``crf_generator`` draws its sampled pixels.
+
+    The loss only sees ``proj @ F_hr``, and the JBU stack, the jitters and the downsamplers are
+    linear and act on every channel alike, so when the upsampler has ``forward_projected`` and
+    the downsampler ``linear_inputs`` (no dropout on its input), no TV term is asked for and
+    fewer than C channels are needed, the high-res map is computed for the ``n`` projections
+    (plus the attention downsampler's logit channel) only: the same loss and gradients to float
+    rounding, with the same random draws, at about ``n / C`` of the per-channel cost.
+    ``projected=False`` forces the full-channel computation.
     """
 
     def __init__(self, upsampler: nn.Module, downsampler: nn.Module, scale_net: nn.Module,
-                 tv_weight: float = 0.0, crf_weight: float = 0.0):
+                 tv_weight: float = 0.0, crf_weight: float = 0.0, projected: bool = True):
         super().__init__()
         self.upsampler = upsampler
         self.downsampler = downsampler
         self.scale_net = scale_net
         self.tv_weight = tv_weight
         self.crf_weight = crf_weight
+        self.projected = projected
+
+    def _linear_inputs(self, proj: Tensor):
+        """``(weight [m, C], bias [m] or None, n_values)`` for the projected path, or None."""
+        if not (self.projected and not self.tv_weight
+                and hasattr(self.upsampler, "forward_projected")
+                and hasattr(self.downsampler, "linear_inputs")):
+            return None
+        extra = self.downsampler.linear_inputs()     # None: needs the full features
+        n = proj.shape[0]
+        if extra is None:
+            return None
+        if not extra:
+            return proj, None, n
+        w, b = extra
+        weight = torch.cat([proj.to(w.dtype), w], dim=0)
+        bias = None if b is None else torch.cat([b.new_zeros(n), b])
+        return weight, bias, n
 
     def forward(self, lowres: Tensor, image: Tensor, views, proj: Tensor, hr_downscale: int = 1,
                 crf_generator: torch.Generator | None = None) -> Tensor:
         H, W = image.shape[-2] // hr_downscale, image.shape[-1] // hr_downscale
-        hr = self.upsampler(lowres, image, output_size=(H, W))
+        lin = self._linear_inputs(proj)
+        if lin is not None and lin[0].shape[0] >= lowres.shape[1]:
+            lin = None                       # projecting would not make anything smaller
+        if lin is not None:
+            weight, bias, n = lin
+            hr = self.upsampler.forward_projected(lowres, image, weight, bias, output_size=(H, W))
+        else:
+            hr = self.upsampler(lowres, image, output_size=(H, W))
         if tuple(hr.shape[-2:]) != (H, W):
             raise RuntimeError(f"the upsampler returned {list(hr.shape)}, expected spatial size "
                                f"{H}x{W} (output_size)")
         loss = hr.new_zeros((), dtype=torch.float32)
         for t, target in views:
-            pred = self.downsampler(t(hr), target.shape[-2:])
+            if lin is not None:
+                v = t(hr)
+                pred = self.downsampler.forward_projected(v[:, :n], v[:, n:] if v.shape[1] > n
+                                                          else None, target.shape[-2:])
+            else:
+                pred = project(self.downsampler(t(hr), target.shape[-2:]), proj)
             scale = self.scale_net(target)
-            loss = loss + gaussian_nll(project(pred, proj).float(), project(target, proj).float(),
-                                       scale.float())
+            loss = loss + gaussian_nll(pred.float(), project(target, proj).float(), scale.float())
         loss = loss / max(1, len(views))
         if self.crf_weight:
-            loss = loss + self.crf_weight * crf_loss(project(hr, proj).float(), image.float(),
+            hr_p = hr[:, :n] if lin is not None else project(hr, proj)
+            loss = loss + self.crf_weight * crf_loss(hr_p.float(), image.float(),
                                                      generator=crf_generator)
         if self.tv_weight:
             loss = loss + self.tv_weight * tv_loss(hr).float()
         return loss
+
+
+#: The attention downsampler's dropout of runs whose checkpoints do not record it.
+LEGACY_DOWNSAMPLER_DROPOUT = 0.1
+
+
+def resolve_downsampler_dropout(given: float | None, resumed_config: dict | None,
+                                resume=None) -> float:
+    """The downsampler dropout of a run: ``given``, else the resumed run's (``resumed_config``;
+    runs that predate the option used 0.1), else 0.  A ``given`` value that differs from the
+    resumed run's is refused (the run would not continue the same objective)."""
+    theirs = None
+    if resumed_config is not None:
+        theirs = float(resumed_config.get("downsampler_dropout", LEGACY_DOWNSAMPLER_DROPOUT))
+    if given is None:
+        return theirs if theirs is not None else 0.0
+    from .._validate import check_float
+    given = check_float("downsampler_dropout", given, min=0)
+    if given >= 1:
+        raise ValueError(f"expected downsampler_dropout in [0, 1), got {given}")
+    if theirs is not None and given != theirs:
+        raise ValueError(f"expected downsampler_dropout={theirs} as in the checkpoint being resumed "
+                         f"({resume}), got downsampler_dropout={given}")
+    return given
 
 
 def _make_upsampler(upsampler, dim: int) -> nn.Module:
@@ -193,8 +256,9 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
                     image_size=224, lr: float = 1e-3, out_dir: str | os.PathLike | None = None,
                     layer: str | None = None, upsampler=None, n_jitters: int = 5,
                     max_pad: int = 20, max_zoom: float = 2.0, random_projection: int = 30,
-                    downsampler: str = "attention", tv_weight: float = 0.0,
-                    crf_weight: float = 0.001, use_norm: bool = True, seed: int = 0,
+                    downsampler: str = "attention", downsampler_dropout: float | None = None,
+                    tv_weight: float = 0.0, crf_weight: float = 0.001, use_norm: bool = True,
+                    seed: int = 0,
                     checkpoint_every: int = 500, log_every: int = 50, snapshots: bool = True,
                     resume: str | os.PathLike | None = None, amp: str | None = None,
                     device=None, progress: bool = True, tensorboard: bool = False,
@@ -217,6 +281,10 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
         upsampler: None / ``"jbu"`` for a fresh ``JBUStack(C)``, or a module to fine-tune with
             ``forward(source[B, C, h, w], guidance[B, 3, H, W], output_size=(H, W))``.
         downsampler: ``"attention"`` or ``"simple"``.  amp: None or ``"bf16"`` (autocast).
+        downsampler_dropout: dropout on the attention downsampler's logit input; None = the
+            resumed run's value (0.1 for runs that predate it), else 0.  At 0 the loss is computed
+            from the upsampled random projections only (``MultiViewObjective``), several times
+            faster than upsampling all C channels; above 0 every channel is upsampled.
         crf_weight: weight of FeatUp's CRF prior (:func:`~featup_adapters.training.losses.crf_loss`
             on the projected upsampled features, the image as guidance), once per step; 0 = off.
         use_norm: train on ``LayerNorm_C(f(x))`` (input and targets), FeatUp's "ChannelNorm"; saved
@@ -255,6 +323,7 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
                       "\"untrained\": true in its config)", RuntimeWarning, stacklevel=2)
     check_float("crf_weight", crf_weight, min=0)
     check_float("tv_weight", tv_weight, min=0)
+    resolve_downsampler_dropout(downsampler_dropout, None)     # refused here if out of range
     if amp not in (None, "bf16"):
         raise ValueError(f"expected amp=None or 'bf16', got {amp!r}")
     size = _size_tuple(image_size)
@@ -295,11 +364,15 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
         dataset = as_dataset(data, size, min_size=stride)
         start_ckpt = (ckpt_mod.load_checkpoint(resume, backbone_id=bid, layer=lyr, feature_dim=dim)
                       if resume is not None else None)
+        cfg.downsampler_dropout = resolve_downsampler_dropout(
+            downsampler_dropout, None if start_ckpt is None else (start_ckpt.get("config") or {}),
+            resume)
         if isinstance(src, nn.Module):
             src.to(dev)
         torch.manual_seed(seed)  # same initial weights for the same seed (and on every rank)
         up = _make_upsampler(upsampler, dim)
-        objective = MultiViewObjective(up, make_downsampler(downsampler, dim, stride // d),
+        objective = MultiViewObjective(up, make_downsampler(downsampler, dim, stride // d,
+                                                        cfg.downsampler_dropout),
                                        ScaleNet(dim), tv_weight, crf_weight).to(dev)
         optim = torch.optim.NAdam(objective.parameters(), lr=lr)
         step = 0

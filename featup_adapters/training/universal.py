@@ -40,7 +40,8 @@ from .downsamplers import make_downsampler
 from .losses import ScaleNet, channel_norm
 from .source import feature_source, release, source_id, source_layer
 from .trainer import (MultiViewObjective, TrainConfig, _BatchOrder, _describe, _normalize,
-                      _snapshot, _step_loss, _step_seed, _write_csv, optimizer_step)
+                      _snapshot, _step_loss, _step_seed, _write_csv, optimizer_step,
+                      resolve_downsampler_dropout)
 
 __all__ = ["train_universal", "FORMAT", "UNIVERSAL_ID"]
 
@@ -75,6 +76,7 @@ def train_universal(backbones, data=None, *, steps: int = 2000, batch_size: int 
                     image_size=224, lr: float = 1e-3, out_dir: str | os.PathLike | None = None,
                     upsampler=None, n_jitters: int = 5, max_pad: int = 20, max_zoom: float = 2.0,
                     random_projection: int = 30, downsampler: str = "attention",
+                    downsampler_dropout: float | None = None,
                     tv_weight: float = 0.0, crf_weight: float = 0.001, use_norm: bool = True,
                     seed: int = 0, checkpoint_every: int = 500, log_every: int = 50,
                     snapshots: bool = True, resume: str | os.PathLike | None = None,
@@ -123,6 +125,7 @@ def train_universal(backbones, data=None, *, steps: int = 2000, batch_size: int 
     lr = check_float("lr", lr, positive=True)
     check_float("crf_weight", crf_weight, min=0)
     check_float("tv_weight", tv_weight, min=0)
+    resolve_downsampler_dropout(downsampler_dropout, None)     # refused here if out of range
     if amp not in (None, "bf16"):
         raise ValueError(f"expected amp=None or 'bf16', got {amp!r}")
     if steps == 0:
@@ -175,6 +178,8 @@ def train_universal(backbones, data=None, *, steps: int = 2000, batch_size: int 
         hr_size = (size[0] // d, size[1] // d)
         dataset = as_dataset(data, size, min_size=max(e["stride"] for e in info))
         start = _load_resume(resume, keys) if resume is not None else None
+        cfg.downsampler_dropout = resolve_downsampler_dropout(
+            downsampler_dropout, None if start is None else (start.get("config") or {}), resume)
         for src in srcs:
             if isinstance(src, nn.Module):
                 src.to(dev)
@@ -184,7 +189,9 @@ def train_universal(backbones, data=None, *, steps: int = 2000, batch_size: int 
         objective = nn.ModuleDict({
             "upsampler": up,
             "downsamplers": nn.ModuleList(make_downsampler(downsampler, e["feature_dim"],
-                                                           e["stride"] // d) for e in info),
+                                                           e["stride"] // d,
+                                                           cfg.downsampler_dropout)
+                                          for e in info),
             "scale_nets": nn.ModuleList(ScaleNet(e["feature_dim"]) for e in info)}).to(dev)
         heads = [MultiViewObjective(up, ds, sn, tv_weight, crf_weight) for ds, sn in
                  zip(objective["downsamplers"], objective["scale_nets"])]

@@ -368,6 +368,46 @@ class JBUStack(UpsamplerMixin, nn.Module):
             x = x.add_(bias) if plan else x + bias
         return x.to(out_dtype)
 
+    def forward_projected(self, source: Tensor, guidance: Tensor, weight: Tensor,
+                          bias: Tensor | None = None, output_size=None) -> Tensor:
+        """``weight @ self(source, guidance, output_size) + bias`` per pixel, computed on the
+        projected source: ``Tensor[B, C, h, w]``, ``weight: Tensor[n, C]``, ``bias: Tensor[n]``
+        -> ``Tensor[B, n, H, W]``.
+
+        The stack is linear in its source and mixes every channel alike, so projecting first and
+        upsampling ``n`` channels gives the same result (to float rounding, with the same dropout
+        draws in training mode) at ``n / C`` of the per-channel cost: training compares only ``n``
+        random projections of the output, so it never needs all ``C`` channels at full size.
+        A hooked or replaced ``fixup_proj`` runs the full forward and projects its result.
+        """
+        who = f"{type(self).__name__}.forward_projected"
+        C = source.shape[1] if source.dim() == 4 else None
+        if weight.dim() != 2 or (C is not None and weight.shape[1] != C):
+            raise ValueError(f"{who}: expected weight of shape [n, {C}], got {list(weight.shape)}")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{who}: expected bias of shape [{weight.shape[0]}], got "
+                             f"{list(bias.shape)}")
+        fixup = self.fixup_proj
+        if fixup is not None and not _is_linear_fixup(fixup):
+            out = self(source, guidance, output_size)
+            y = torch.einsum("nc,bchw->bnhw", weight.to(out.dtype), out)
+            return y if bias is None else y + bias.to(y.dtype).view(1, -1, 1, 1)
+        check_4d("guidance", guidance, f"[B, {self.guidance_dim}, H, W]")
+        H, W = check_upsampler_inputs(source, guidance, output_size,
+                                      guidance_dim=self.guidance_dim, dim=self.dim, who=who)
+        check_input_dtypes(source, guidance, self.up1.range_temp, who)
+        x, const = source, bias
+        if fixup is not None:
+            drop, conv = fixup[0], fixup[1]
+            x = source + 0.1 * conv1x1_as_matmul(drop(source), conv.weight, None)
+            if conv.bias is not None:
+                fixed = 0.1 * (weight.to(conv.bias.dtype) @ conv.bias)
+                const = fixed if const is None else const + fixed
+        z = torch.einsum("nc,bchw->bnhw", weight.to(x.dtype), x)
+        for name, size in self.stage_plan(source.shape[-2:], (H, W)):
+            z = getattr(self, name)(z, F.adaptive_avg_pool2d(guidance, size))
+        return z if const is None else z + const.to(z.dtype).view(1, -1, 1, 1)
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, guidance_dim={self.guidance_dim}, key_dim={self.key_dim}, "
                 f"radius={self.radius}, num_stages={self.num_stages}")
