@@ -42,6 +42,8 @@ def main() -> int:
     ds = as_dataset("embedded:val", args.image_size)
     images = torch.stack([ds[i] for i in range(len(ds))])
     trained = load_upsampler(run).eval()
+    if trained.config.get("use_norm"):      # trained on LayerNorm-ed features: all methods get them
+        src = _Normed(src)
     candidates = {"jbu_trained": trained, "bilinear": make_upsampler("bilinear"),
                   "bicubic": make_upsampler("bicubic"),
                   "jbu_untrained": make_upsampler("jbu", dim=src.feature_dim).eval()}
@@ -72,6 +74,18 @@ def main() -> int:
         (out / "eval.json").write_text(json.dumps(results, indent=1) + "\n")
         _plot(rows, out / "training_curve.png")
     return 0
+
+
+class _Normed:
+    """A feature source whose features pass through the trainer's channel LayerNorm."""
+
+    def __init__(self, src):
+        self.src = src
+        self.stride, self.mean, self.std, self.feature_dim = src.stride, src.mean, src.std, src.feature_dim
+
+    def features(self, x):
+        from featup_adapters.training.losses import channel_norm
+        return channel_norm(self.src.features(x).float())
 
 
 def _plot(rows, path: Path) -> None:
