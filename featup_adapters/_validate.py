@@ -98,6 +98,11 @@ def fraction(text: str) -> float:
     return _float_type(text, "a number between 0 and 1 (exclusive)", lambda v: 0 < v < 1)
 
 
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1) (a dropout rate)."""
+    return _float_type(text, "a probability in [0, 1)", lambda v: 0 <= v < 1)
+
+
 def non_empty_str(text: str) -> str:
     """argparse type: a string with something other than spaces in it."""
     if not text.strip():

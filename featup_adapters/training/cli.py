@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .._validate import non_empty_str, non_negative_float, non_negative_int, positive_float, positive_int
+from .._validate import (non_empty_str, non_negative_float, non_negative_int, positive_float,
+                         positive_int, probability)
 
 
 def _size(text: str):
@@ -43,16 +44,6 @@ def _add_pretrained(p: argparse.ArgumentParser, note: str) -> None:
                         + (f"; {note}" if note else ""))
 
 
-def _dropout(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
-    return v
-
-
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """The options ``train`` and ``train-universal`` share (data, output, schedule, objective)."""
     p.add_argument("--data", default="embedded",
@@ -69,7 +60,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-zoom", type=_zoom, default=2.0, help="largest zoom of a view (>= 1)")
     p.add_argument("--random-projection", type=non_negative_int, default=30, help="0 = compare all channels")
     p.add_argument("--downsampler", choices=("attention", "simple"), default="attention")
-    p.add_argument("--downsampler-dropout", type=_dropout, default=None, metavar="P",
+    p.add_argument("--downsampler-dropout", type=probability, default=None, metavar="P",
                    help="dropout on the attention downsampler's logit input (default 0, or the "
                         "value of the run being resumed); 0 lets training upsample only the random "
                         "projections the loss compares, several times faster; runs before 2026-12 used 0.1")

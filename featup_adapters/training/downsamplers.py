@@ -120,9 +120,15 @@ class AttentionDownsampler(nn.Module):
         if tuple(hr.shape[-2:]) != (h * k, w * k):
             hr = F.interpolate(hr, size=(h * k, w * k), mode="bilinear", align_corners=False)
         src = self._blur(hr) if self.blur_attn else hr
-        logits = _to_patches(self.attention_net(src), (h, w), k)[:, 0]   # [B, h, w, k*k]
+        return self._attend(hr, self.attention_net(src), (h, w))
+
+    def _attend(self, values: Tensor, logit_map: Tensor, out_size) -> Tensor:
+        """Pool ``values[B, n, h*k, w*k]`` by the softmax over each patch of ``logit_map[B, 1, ...]``
+        (times ``w``, plus ``b``)."""
+        k = self.kernel_size
+        logits = _to_patches(logit_map, out_size, k)[:, 0]                # [B, h, w, k*k]
         attn = torch.softmax(logits * self.w + self.b, dim=-1)
-        patches = _to_patches(hr, (h, w), k)                              # [B, C, h, w, k*k]
+        patches = _to_patches(values, out_size, k)                        # [B, n, h, w, k*k]
         return torch.einsum("bchwn,bhwn->bchw", patches, attn)
 
     def linear_inputs(self):
@@ -148,11 +154,7 @@ class AttentionDownsampler(nn.Module):
         if tuple(both.shape[-2:]) != (h * k, w * k):
             both = F.interpolate(both, size=(h * k, w * k), mode="bilinear", align_corners=False)
         values, src = both[:, :-1], both[:, -1:]
-        if self.blur_attn:
-            src = self._blur(src)
-        logits = _to_patches(src, (h, w), k)[:, 0]
-        attn = torch.softmax(logits * self.w + self.b, dim=-1)
-        return torch.einsum("bchwn,bhwn->bchw", _to_patches(values, (h, w), k), attn)
+        return self._attend(values, self._blur(src) if self.blur_attn else src, (h, w))
 
 
 def make_downsampler(kind: str, dim: int, kernel_size: int, dropout: float = 0.1) -> nn.Module:

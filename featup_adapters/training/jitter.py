@@ -110,14 +110,11 @@ def apply_jitter(x: Tensor, t: Jitter) -> Tensor:
     uy = _source_coords(H, t.pad, H, t.zoomed[0], t.top, False)
     ux = _source_coords(W, t.pad, W, t.zoomed[1], t.left, t.flip)
     if tuple(t.zoomed) == (H + 2 * t.pad, W + 2 * t.pad):      # integer coordinates: indexing
-        rows, cols = uy.long().to(x.device), ux.long().to(x.device)
-        if bool((rows == torch.arange(H, device=x.device)).all()):
-            y = x
-        else:
-            y = x.index_select(-2, rows)
-        if bool((cols == torch.arange(W, device=x.device)).all()):
+        # the crop starting at the pad is the unpadded map: rows (and unflipped columns) stay
+        y = x if t.top == t.pad else x.index_select(-2, uy.long().to(x.device))
+        if t.left == t.pad and not t.flip:
             return y
-        return y.index_select(-1, cols)
+        return y.index_select(-1, ux.long().to(x.device))
     gy = ((2 * uy + 1) / H - 1).to(device=x.device, dtype=x.dtype)
     gx = ((2 * ux + 1) / W - 1).to(device=x.device, dtype=x.dtype)
     grid = torch.stack([gx[None, :].expand(H, W), gy[:, None].expand(H, W)], dim=-1)

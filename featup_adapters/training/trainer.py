@@ -97,8 +97,9 @@ class MultiViewObjective(nn.Module):
         self.crf_weight = crf_weight
         self.projected = projected
 
-    def _linear_inputs(self, proj: Tensor):
-        """``(weight [m, C], bias [m] or None, n_values)`` for the projected path, or None."""
+    def _linear_inputs(self, proj: Tensor, channels: int):
+        """``(weight [m, C], bias [m] or None, n_values)`` for the projected path, or None (it
+        does not apply, or ``m >= channels`` would make nothing smaller)."""
         if not (self.projected and not self.tv_weight
                 and hasattr(self.upsampler, "forward_projected")
                 and hasattr(self.downsampler, "linear_inputs")):
@@ -108,18 +109,17 @@ class MultiViewObjective(nn.Module):
         if extra is None:
             return None
         if not extra:
-            return proj, None, n
-        w, b = extra
-        weight = torch.cat([proj.to(w.dtype), w], dim=0)
-        bias = None if b is None else torch.cat([b.new_zeros(n), b])
-        return weight, bias, n
+            weight, bias = proj, None
+        else:
+            w, b = extra
+            weight = torch.cat([proj.to(w.dtype), w], dim=0)
+            bias = None if b is None else torch.cat([b.new_zeros(n), b])
+        return (weight, bias, n) if weight.shape[0] < channels else None
 
     def forward(self, lowres: Tensor, image: Tensor, views, proj: Tensor, hr_downscale: int = 1,
                 crf_generator: torch.Generator | None = None) -> Tensor:
         H, W = image.shape[-2] // hr_downscale, image.shape[-1] // hr_downscale
-        lin = self._linear_inputs(proj)
-        if lin is not None and lin[0].shape[0] >= lowres.shape[1]:
-            lin = None                       # projecting would not make anything smaller
+        lin = self._linear_inputs(proj, lowres.shape[1])
         if lin is not None:
             weight, bias, n = lin
             hr = self.upsampler.forward_projected(lowres, image, weight, bias, output_size=(H, W))

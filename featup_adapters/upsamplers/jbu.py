@@ -343,12 +343,7 @@ class JBUStack(UpsamplerMixin, nn.Module):
                 f"{_tiling.gb(need)} {how} (the output alone is {_tiling.gb(est.output)}), but "
                 f"{told} is {_tiling.gb(budget)}; ask for a smaller output size, a 16-bit "
                 f"out_dtype, or a larger max_memory")
-        x = source
-        if fused and fixup is not None:
-            # the final fixup at the source: x + 0.1 (W x + b) with x = A(s) equals
-            # A(s + 0.1 W s) + 0.1 b (module docstring); the bias is added at the end
-            drop, conv = fixup[0], fixup[1]
-            x = source + 0.1 * conv1x1_as_matmul(drop(source), conv.weight, None)
+        x = self._fixup_at_source(source) if fused and fixup is not None else source
         if tile:
             sizes = [s for _, s in plan]
             guides = [F.adaptive_avg_pool2d(guidance, s) for s in sizes]
@@ -367,6 +362,13 @@ class JBUStack(UpsamplerMixin, nn.Module):
             # in place: no stage's backward needs its output
             x = x.add_(bias) if plan else x + bias
         return x.to(out_dtype)
+
+    def _fixup_at_source(self, source: Tensor) -> Tensor:
+        """The linear final fixup moved to the source: ``x + 0.1 (W x + b)`` with ``x = A(s)``
+        equals ``A(s + 0.1 W s) + 0.1 b`` (module docstring); this returns ``s + 0.1 W s`` and the
+        caller adds the bias after the stages."""
+        drop, conv = self.fixup_proj[0], self.fixup_proj[1]
+        return source + 0.1 * conv1x1_as_matmul(drop(source), conv.weight, None)
 
     def forward_projected(self, source: Tensor, guidance: Tensor, weight: Tensor,
                           bias: Tensor | None = None, output_size=None) -> Tensor:
@@ -398,10 +400,10 @@ class JBUStack(UpsamplerMixin, nn.Module):
         check_input_dtypes(source, guidance, self.up1.range_temp, who)
         x, const = source, bias
         if fixup is not None:
-            drop, conv = fixup[0], fixup[1]
-            x = source + 0.1 * conv1x1_as_matmul(drop(source), conv.weight, None)
-            if conv.bias is not None:
-                fixed = 0.1 * (weight.to(conv.bias.dtype) @ conv.bias)
+            x = self._fixup_at_source(source)
+            conv_bias = fixup[1].bias
+            if conv_bias is not None:
+                fixed = 0.1 * (weight.to(conv_bias.dtype) @ conv_bias)
                 const = fixed if const is None else const + fixed
         z = torch.einsum("nc,bchw->bnhw", weight.to(x.dtype), x)
         for name, size in self.stage_plan(source.shape[-2:], (H, W)):
