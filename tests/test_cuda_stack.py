@@ -423,7 +423,7 @@ def test_tiled_path_on_fake_cuda(monkeypatch, radius, src_hw, out_hw):
         out = stack(src, img, max_memory=budget)
     assert len(bands) == 1 and 1 <= bands[0] < out_hw[0]
     assert tuple(out.shape) == (2, 8, *out_hw) and out.device.type == "cuda"
-    assert NS + "adaptive_conv" in {_qualified(op) for op in rec.ops}
+    assert NS + "adaptive_conv_into" in {_qualified(op) for op in rec.ops}  # bands written in place
     _no_cpu_only_ops(rec.ops)
     with mode, torch.no_grad(), pytest.raises(_tiling.MemoryBudgetError, match="max_memory"):
         stack(src, img, max_memory=est.tiled_min // 2)

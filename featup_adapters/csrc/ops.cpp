@@ -2,6 +2,7 @@
 // fake kernels and autograd are registered from Python (featup_adapters/ops/_registration.py),
 // which set_python_module points to so they are found whenever the ops are used.
 #include <Python.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <string>
@@ -23,6 +24,8 @@ static std::string cpu_isa() { return cpu::best_kernels().name; }
 TORCH_LIBRARY(featup_adapters, m) {
   m.set_python_module("featup_adapters.ops._registration");
   m.def("adaptive_conv(Tensor input, Tensor filters) -> Tensor");
+  // out = adaptive_conv(input, filters) (+ bias[c]) in place, e.g. into a band of a larger result
+  m.def("adaptive_conv_into(Tensor input, Tensor filters, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("adaptive_conv_grad_input(Tensor grad_out, Tensor filters) -> Tensor");
   m.def("adaptive_conv_grad_filters(Tensor grad_out, Tensor input) -> Tensor");
   m.def("_cpu_isa() -> str", &cpu_isa);
@@ -31,6 +34,13 @@ TORCH_LIBRARY(featup_adapters, m) {
   m.def("bicubic_pad_backward(Tensor grad_out, int[2] input_size, int pad) -> Tensor");
   // rows [row0, row1) of bicubic_pad's output from a band of source rows (inference only)
   m.def("bicubic_pad_rows(Tensor input, int[2] size, int pad, int src_rows, int src_row0, int row0, int row1) -> Tensor");
+}
+
+// adaptive_conv_into writes in place and has no derivative: autograd refuses it when a gradient
+// would be needed ("... is not implemented"), and otherwise passes it through (bumping out's
+// version counter, as any in-place op).
+TORCH_LIBRARY_IMPL(featup_adapters, Autograd, m) {
+  m.impl("adaptive_conv_into", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace featup_adapters

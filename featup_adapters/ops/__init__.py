@@ -24,7 +24,7 @@ from .resize import bicubic_pad, bicubic_pad_reference
 from .reference import (adaptive_conv_grad_filters_reference, adaptive_conv_grad_input_reference,
                         adaptive_conv_reference)
 
-__all__ = ["adaptive_conv", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
+__all__ = ["adaptive_conv", "adaptive_conv_into", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
            "extension_loaded", "has_kernel", "adaptive_conv_grad_input_reference",
            "adaptive_conv_grad_filters_reference", "bicubic_pad", "bicubic_pad_reference"]
 
@@ -50,3 +50,43 @@ def adaptive_conv(input: Tensor, filters: Tensor) -> Tensor:
         return torch.ops.featup_adapters.adaptive_conv(input, filters)
     warn_fallback(input.device.type)
     return adaptive_conv_reference(input, filters)
+
+
+def adaptive_conv_into(input: Tensor, filters: Tensor, out: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``out[...] = adaptive_conv(input, filters) + bias.view(1, C, 1, 1)``, in place; returns ``out``.
+
+    For inference (nothing here is differentiable): the row-band path of ``JBUStack`` writes each
+    band straight into its rows of the full result.  On CPU an ``out`` whose rows are contiguous
+    (``out.stride(-1) == 1``, ``out.stride(-2) == W``, planes at least ``H * W`` apart: e.g.
+    ``full[:, :, a:b]`` of a contiguous ``full``) in float32 (float64 for float64 inputs) is
+    written by the kernel itself, the bias added as it stores; any other ``out`` (another dtype
+    or layout) gets the result copied in.
+
+    Args:
+        input, filters: as for :func:`adaptive_conv`.
+        out: ``Tensor[B, C, H, W]``, any floating dtype, on the input's device.
+        bias: ``Tensor[C]`` or None.
+    """
+    check_adaptive_conv_args(input, filters)
+    B, H, W = filters.shape[:3]
+    C = input.shape[1]
+    if not isinstance(out, Tensor) or tuple(out.shape) != (B, C, H, W):
+        got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"adaptive_conv_into: expected out of shape {[B, C, H, W]}, got {got}")
+    if not out.dtype.is_floating_point or out.device != input.device:
+        raise TypeError(f"adaptive_conv_into: expected a floating out on {input.device}, got "
+                        f"{out.dtype} on {out.device}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != C or bias.device != input.device):
+        raise ValueError(f"adaptive_conv_into: expected bias of shape [{C}] on {input.device}, got "
+                         f"{list(bias.shape)} on {bias.device}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (input, filters, bias, out)):
+        raise RuntimeError("adaptive_conv_into is not differentiable (it writes in place); use "
+                           "adaptive_conv for autograd, or run it under torch.no_grad()")
+    if NATIVE.get(input.device.type, False):
+        torch.ops.featup_adapters.adaptive_conv_into(input, filters, bias, out)
+        return out
+    warn_fallback(input.device.type)
+    res = adaptive_conv_reference(input, filters)
+    out.copy_(res if bias is None else res + bias.to(res.dtype).view(1, -1, 1, 1))
+    return out

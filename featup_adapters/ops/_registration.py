@@ -4,6 +4,8 @@ The schemas are declared once in ``csrc/ops.cpp`` with TORCH_LIBRARY; the C++ si
 with ``set_python_module`` so the fake kernels are found even if this module was not imported.
 
 Forward:      out    = adaptive_conv(input, filters)
+              adaptive_conv_into(input, filters, bias, out)  the same (+ bias[c]) written into
+                       ``out`` (inference only: no autograd), e.g. a band of a larger result
 Backward:     g_in   = adaptive_conv_grad_input(grad_out, filters)
               g_filt = adaptive_conv_grad_filters(grad_out, input)
 All three are bilinear, so each backward is again made of these three ops (double backward works).
@@ -45,6 +47,17 @@ def _register() -> None:
         B, C, H, W = grad_out.shape
         k = input.shape[-2] - H + 1
         return grad_out.new_empty((B, H, W, k, k))
+
+    @torch.library.register_fake(lib + "adaptive_conv_into")
+    def _fake_forward_into(input, filters, bias, out):
+        check_adaptive_conv_args(input, filters)
+        return None
+
+    def _cuda_forward_into(input, filters, bias, out):
+        res = ops.adaptive_conv(input, filters)
+        out.copy_(res if bias is None else res + bias.to(res.dtype).view(1, -1, 1, 1))
+
+    torch.library.register_kernel(lib + "adaptive_conv_into", "cuda", _cuda_forward_into)
 
     # d out = conv(d input, f) + conv(input, d f)
     def _setup_fwd(ctx, inputs, output):

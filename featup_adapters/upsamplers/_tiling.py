@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._validate import parse_memory_size
-from ..ops import adaptive_conv
+from ..ops import adaptive_conv_into
 from ..ops.resize import bicubic_pad_rows, source_row_range
 from ._kernel import project_keys, stage_kernel
 from ._resize import pad_mode
@@ -173,14 +173,21 @@ def pad_rows(lo: int, hi: int, n: int, r: int, reflect: bool) -> list[int]:
 
 
 class _Level:
-    """Rows of one stage's output, made on request from the level below; keeps the last rows."""
+    """Rows of one stage's output, made on request from the level below; keeps the last rows.
 
-    def __init__(self, stage, below, guidance: Tensor, size: tuple[int, int], radius: int):
+    The rows live in one buffer (``[B, C, capacity, W]``); each stage writes its new rows straight
+    into it (``adaptive_conv_into``) and the stage above reads slices of it (``bicubic_pad_rows``
+    takes a band of a taller map as is), so moving from one band to the next copies only the
+    rows both share."""
+
+    def __init__(self, stage, below, guidance: Tensor, size: tuple[int, int], radius: int,
+                 like: Tensor):
         self.stage, self.below, self.g, self.r = stage, below, guidance, radius
+        self.like = like                                # the source map: batch, channels, dtype
         self.H, self.W = size
         self.h, self.w = below.H, below.W
         self.reflect = pad_mode(self.H, self.W, radius) == "reflect"
-        self.cache_lo, self.cache = 0, None
+        self.buf, self.buf_lo, self.n = None, 0, 0      # rows buf_lo .. buf_lo + n - 1 in buf
 
     def source_rows(self, lo: int, hi: int) -> tuple[int, int]:
         """The rows of the level below that output rows ``[lo, hi)`` read (padded rows
@@ -188,22 +195,30 @@ class _Level:
         return source_row_range(self.h, self.H, self.r, self.reflect, lo, hi + 2 * self.r)
 
     def rows(self, lo: int, hi: int) -> Tensor:
-        """``Tensor[B, C, hi - lo, W]`` (requests must not move backwards)."""
-        if self.cache is not None:
-            c_hi = self.cache_lo + self.cache.shape[2]
-            if lo >= self.cache_lo and hi <= c_hi:
-                return self.cache[:, :, lo - self.cache_lo:hi - self.cache_lo]
-            if self.cache_lo <= lo < c_hi:
-                new = self.compute(c_hi, hi)
-                keep = self.cache[:, :, lo - self.cache_lo:]
-                self.cache = torch.cat([keep, new], dim=2)
-                self.cache_lo = lo
-                return self.cache
-        self.cache, self.cache_lo = None, lo
-        self.cache = self.compute(lo, hi)
-        return self.cache
+        """``Tensor[B, C, hi - lo, W]``, a view of the buffer (requests must not move backwards)."""
+        c_hi = self.buf_lo + self.n
+        if self.buf is not None and self.buf_lo <= lo and hi <= c_hi:
+            return self.buf[:, :, lo - self.buf_lo:hi - self.buf_lo]
+        keep = self.buf is not None and self.buf_lo <= lo < c_hi     # rows lo .. c_hi are made
+        start = c_hi if keep else lo                                  # first row to compute
+        n_keep = c_hi - lo if keep else 0
+        need = hi - lo
+        old = self.buf[:, :, lo - self.buf_lo:self.n] if keep else None
+        if self.buf is None or need > self.buf.shape[2]:
+            cap = min(self.H, need + need // 4)
+            buf = self.like.new_empty((self.like.shape[0], self.like.shape[1], cap, self.W))
+            if keep:
+                buf[:, :, :n_keep].copy_(old)
+            self.buf = buf
+        elif keep and lo > self.buf_lo:                              # slide the shared rows down
+            self.buf[:, :, :n_keep].copy_(old.clone())
+        self.buf_lo, self.n = lo, n_keep
+        self.compute(start, hi, self.buf[:, :, n_keep:n_keep + hi - start])
+        self.n = n_keep + hi - start
+        return self.buf[:, :, :self.n]
 
-    def compute(self, a: int, b: int) -> Tensor:
+    def compute(self, a: int, b: int, out: Tensor, bias: Tensor | None = None) -> None:
+        """Output rows ``[a, b)`` (+ ``bias``) written into ``out`` (``[B, C, b - a, W]``)."""
         r, st = self.r, self.stage
         pr = pad_rows(a - r, b + r, self.H, r, self.reflect)          # padded rows a-r .. b+r-1
         s_lo, s_hi = self.source_rows(a, b)
@@ -220,7 +235,8 @@ class _Level:
                             fixup_proj=st.fixup_proj, sigma_spatial=st.sigma_spatial, radius=r)
         k = 2 * r + 1
         B = hr_pad.shape[0]
-        return adaptive_conv(hr_pad, kern.to(hr_pad.dtype).view(B, b - a, self.W, k, k))
+        adaptive_conv_into(hr_pad, kern.to(hr_pad.dtype).view(B, b - a, self.W, k, k), out,
+                           None if bias is None else bias.to(hr_pad.dtype))
 
 
 class _Source:
@@ -238,15 +254,10 @@ def tiled_forward(stages, source: Tensor, guidances: list[Tensor], sizes, *, rad
     is added to every output pixel.  Returns ``out``."""
     level = _Source(source)
     for st, g, size in zip(stages, guidances, sizes):
-        level = _Level(st, level, g, size, radius)
+        level = _Level(st, level, g, size, radius, source)
     H = level.H
     band_rows = max(1, int(band_rows))
     for a in range(0, H, band_rows):
         b = min(H, a + band_rows)
-        band = level.compute(a, b)
-        if bias is not None:         # the bias, the cast and the copy into `out` in one pass
-            torch.add(band, bias.view(1, -1, 1, 1).to(band.dtype), out=out[:, :, a:b])
-        else:
-            out[:, :, a:b].copy_(band)
-        del band
+        level.compute(a, b, out[:, :, a:b], bias)     # written in place, the bias added
     return out

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import adaptive_conv
+from ..ops import adaptive_conv, adaptive_conv_into
 import warnings
 
 from . import _tiling
@@ -58,7 +58,8 @@ def spatial_kernel(sigma_spatial: Tensor | float, radius: int, *, device=None,
 
 
 def jbu(source: Tensor, guidance: Tensor, *, range_temp: Tensor | float, range_proj,
-        fixup_proj, sigma_spatial: Tensor | float, radius: int = 3) -> Tensor:
+        fixup_proj, sigma_spatial: Tensor | float, radius: int = 3,
+        bias: Tensor | None = None) -> Tensor:
     """One joint bilateral upsampling stage: ``source`` resized to the guidance's size.
 
     Args:
@@ -69,6 +70,8 @@ def jbu(source: Tensor, guidance: Tensor, *, range_temp: Tensor | float, range_p
         fixup_proj: callable ``[B, k*k + G, H, W] -> [B, k*k, H, W]`` (kernel correction).
         sigma_spatial: scalar width of the spatial Gaussian on the ``[-1, 1]`` window grid.
         radius: window radius r; the window is ``k x k`` with ``k = 2r + 1``.
+        bias: optional ``Tensor[C]`` added to every output pixel (without autograd it is added
+            as the convolution stores its result: no extra pass over the output).
 
     Returns:
         ``Tensor[B, C, H, W]`` in the dtype of ``source`` (the kernel is built in float32 and cast).
@@ -95,7 +98,15 @@ def jbu(source: Tensor, guidance: Tensor, *, range_temp: Tensor | float, range_p
     kernel = stage_kernel(pad2d(q.to(acc), radius), guidance, range_temp=range_temp,
                           fixup_proj=fixup_proj, sigma_spatial=sigma_spatial, radius=radius)
     hr_pad = bicubic_pad(source, (H, W), radius)                # [B, C, H + 2r, W + 2r]
-    return adaptive_conv(hr_pad, kernel.to(hr_pad.dtype).view(B, H, W, k, k))
+    filters = kernel.to(hr_pad.dtype).view(B, H, W, k, k)
+    if bias is None:
+        return adaptive_conv(hr_pad, filters)
+    bias = bias.to(hr_pad.dtype)
+    if torch.is_grad_enabled() and (hr_pad.requires_grad or filters.requires_grad
+                                    or bias.requires_grad):
+        return adaptive_conv(hr_pad, filters).add_(bias.view(1, -1, 1, 1))
+    out = hr_pad.new_empty((B, source.shape[1], H, W))
+    return adaptive_conv_into(hr_pad, filters, out, bias)
 
 
 @register_upsampler_class
@@ -152,13 +163,17 @@ class JointBilateralUpsampler(UpsamplerMixin, nn.Module):
         kwargs = {"guidance_dim": self.guidance_dim, "key_dim": self.key_dim, "radius": self.radius}
         return {"dim": self.dim, **kwargs} if self.dim is not None else kwargs
 
-    def forward(self, source: Tensor, guidance: Tensor) -> Tensor:
+    def forward(self, source: Tensor, guidance: Tensor, *, bias: Tensor | None = None) -> Tensor:
+        """``bias``: optional ``Tensor[C]`` added to every output pixel (see :func:`jbu`)."""
         check_upsampler_inputs(source, guidance, None, guidance_dim=self.guidance_dim, dim=self.dim,
                                who=type(self).__name__)
         check_input_dtypes(source, guidance, self.range_temp, type(self).__name__)
+        if bias is not None and tuple(bias.shape) != (source.shape[1],):
+            raise ValueError(f"{type(self).__name__}: expected bias of shape [{source.shape[1]}], "
+                             f"got {list(bias.shape)}")
         return jbu(source, guidance, range_temp=self.range_temp, range_proj=self.range_proj,
                    fixup_proj=self.fixup_proj, sigma_spatial=self.sigma_spatial,
-                   radius=self.radius)
+                   radius=self.radius, bias=bias)
 
     def extra_repr(self) -> str:
         dim = f"dim={self.dim}, " if self.dim is not None else ""
@@ -194,6 +209,14 @@ def stage_sizes(source_hw: tuple[int, int], output_hw: tuple[int, int], *,
         return sizes + [A]
 
     return list(zip(axis(h, H), axis(w, W)))
+
+
+def _pooled(guidance: Tensor, size: tuple[int, int]) -> Tensor:
+    """The guidance average-pooled to ``size`` (itself when it already has that size: pooling
+    to the same size is the identity)."""
+    if tuple(guidance.shape[-2:]) == tuple(size):
+        return guidance
+    return F.adaptive_avg_pool2d(guidance, size)
 
 
 def _is_linear_fixup(fixup: nn.Module) -> bool:
@@ -346,15 +369,21 @@ class JBUStack(UpsamplerMixin, nn.Module):
         x = self._fixup_at_source(source) if fused and fixup is not None else source
         if tile:
             sizes = [s for _, s in plan]
-            guides = [F.adaptive_avg_pool2d(guidance, s) for s in sizes]
+            guides = [_pooled(guidance, s) for s in sizes]
             out = torch.empty((source.shape[0], source.shape[1], H, W), dtype=out_dtype,
                               device=source.device)
             return _tiling.tiled_forward(
                 [getattr(self, n) for n, _ in plan], x, guides, sizes, radius=self.radius,
                 band_rows=est.band_rows(budget, H), out=out,
                 bias=None if bias is None else 0.1 * bias)
-        for name, size in plan:
-            x = getattr(self, name)(x, F.adaptive_avg_pool2d(guidance, size))
+        for i, (name, size) in enumerate(plan):
+            stage = getattr(self, name)
+            if (fused and bias is not None and i == len(plan) - 1
+                    and type(stage) is JointBilateralUpsampler):
+                # the bias added as the last convolution stores its result
+                x, bias = stage(x, _pooled(guidance, size), bias=0.1 * bias), None
+            else:
+                x = stage(x, _pooled(guidance, size))
         if not fused:
             x = x + 0.1 * fixup(x)
         elif bias is not None:
@@ -407,7 +436,7 @@ class JBUStack(UpsamplerMixin, nn.Module):
                 const = fixed if const is None else const + fixed
         z = torch.einsum("nc,bchw->bnhw", weight.to(x.dtype), x)
         for name, size in self.stage_plan(source.shape[-2:], (H, W)):
-            z = getattr(self, name)(z, F.adaptive_avg_pool2d(guidance, size))
+            z = getattr(self, name)(z, _pooled(guidance, size))
         return z if const is None else z + const.to(z.dtype).view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "../checks.h"
 #include "kernels.h"
@@ -27,14 +28,13 @@ int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
 }
 
-at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& filters) {
-  check_forward_args(input, filters);
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(at::isFloatingType(dtype), "adaptive_conv: expected a floating dtype, got ", dtype);
-  const auto ct = compute_type(dtype);
+// The forward kernel into `out` ([B, C, H, W] of the compute type, rows contiguous, planes
+// `out.stride(1)` apart), plus `bias` ([C] of the compute type) when it is defined.
+void run_forward(const at::Tensor& input, const at::Tensor& filters, at::Tensor& out,
+                 const at::Tensor& bias) {
+  const auto ct = out.scalar_type();
   const int64_t B = input.size(0), C = input.size(1), H = filters.size(1), W = filters.size(2), k = filters.size(3);
-  auto out = empty_large({B, C, H, W}, input.options().dtype(ct));
-  if (out.numel() == 0) return out.to(dtype);
+  if (out.numel() == 0) return;
   auto x = input.to(ct).contiguous();
   auto f = filters.to(ct).contiguous();  // the kernel transposes each row pair it needs itself
   const ConvShape s{B, C, H, W, k};
@@ -44,10 +44,55 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& filters) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* fp = f.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    const cpu::OutLayout<scalar_t> o{B > 1 ? out.stride(0) : 0, out.stride(1),
+                                     bias.defined() ? bias.data_ptr<scalar_t>() : nullptr};
     at::parallel_for(0, cpu::forward_items(isa, s), grain(2 * isa.channel_block * W * k * k),
-                     [&](int64_t b0, int64_t b1) { ks.forward(xp, fp, op, s, b0, b1); });
+                     [&](int64_t b0, int64_t b1) { ks.forward(xp, fp, op, o, s, b0, b1); });
   });
+}
+
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& filters) {
+  check_forward_args(input, filters);
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dtype), "adaptive_conv: expected a floating dtype, got ", dtype);
+  const int64_t B = input.size(0), C = input.size(1), H = filters.size(1), W = filters.size(2);
+  auto out = empty_large({B, C, H, W}, input.options().dtype(compute_type(dtype)));
+  run_forward(input, filters, out, at::Tensor());
   return out.to(dtype);
+}
+
+// out[...] = adaptive_conv(input, filters) (+ bias[c]), written in place. Rows of `out` that are
+// contiguous with planes (and batches) apart, in the compute type, are written by the kernel
+// directly, the bias added as it stores (a band of rows of a larger result: no band-sized
+// temporary, no second pass); any other `out` gets the result copied in.
+void forward_into_cpu(const at::Tensor& input, const at::Tensor& filters,
+                      const std::optional<at::Tensor>& bias, at::Tensor out) {
+  check_forward_args(input, filters);
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dtype), "adaptive_conv_into: expected a floating dtype, got ", dtype);
+  const int64_t B = input.size(0), C = input.size(1), H = filters.size(1), W = filters.size(2);
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == B && out.size(1) == C && out.size(2) == H && out.size(3) == W,
+              "adaptive_conv_into: expected out of shape [", B, ", ", C, ", ", H, ", ", W, "], got ", out.sizes());
+  TORCH_CHECK(out.device() == input.device(), "adaptive_conv_into: out must be on the input's device ",
+              input.device(), ", got ", out.device());
+  TORCH_CHECK(at::isFloatingType(out.scalar_type()), "adaptive_conv_into: expected a floating out, got ",
+              out.scalar_type());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == C && bias->device() == input.device(),
+                "adaptive_conv_into: expected bias of shape [", C, "] on ", input.device(), ", got ",
+                bias->sizes(), " on ", bias->device());
+  const auto ct = compute_type(dtype);
+  const bool direct = out.scalar_type() == ct && (W <= 1 || out.stride(3) == 1) &&
+                      (H <= 1 || out.stride(2) == W) && out.stride(1) >= H * W &&
+                      (B <= 1 || out.stride(0) >= C * out.stride(1));
+  if (direct) {
+    run_forward(input, filters, out, has_bias ? bias->to(ct).contiguous() : at::Tensor());
+    return;
+  }
+  auto res = empty_large({B, C, H, W}, input.options().dtype(ct));
+  run_forward(input, filters, res, has_bias ? bias->to(ct).contiguous() : at::Tensor());
+  out.copy_(res);
 }
 
 at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& filters) {
@@ -101,6 +146,7 @@ at::Tensor grad_filters_cpu(const at::Tensor& grad_out, const at::Tensor& input)
 
 TORCH_LIBRARY_IMPL(featup_adapters, CPU, m) {
   m.impl("adaptive_conv", &forward_cpu);
+  m.impl("adaptive_conv_into", &forward_into_cpu);
   m.impl("adaptive_conv_grad_input", &grad_input_cpu);
   m.impl("adaptive_conv_grad_filters", &grad_filters_cpu);
 }

@@ -12,15 +12,25 @@ namespace cpu {
 
 // Layouts (all contiguous):
 //   forward:      x [B][C][Hp][Wp], filters [B][H][W][k*k] (as the user passes them),
-//                 out [B][C][H][W]; items: (b, pair of rows y, y + 1, channel block) flattened,
+//                 out as OutLayout says; items: (b, pair of rows y, y + 1, channel block) flattened,
 //                 block fastest, count = forward_items(kernels, s)
 //   grad_input:   g [B][C][H][W], filters [B][H][W][k*k], gi [B][C][Hp][Wp]; items: (b, pair of
 //                 rows Y, Y + 1, channel block), count = grad_input_items(kernels, s)
 //   grad_filters: g [B][C][H][W], x [B][C][Hp][Wp], gf [B][H][W][k*k] (the filters' layout);
 //                 items: (b, pair of rows y, y + 1), count = grad_filters_items(s)
+// Where forward writes: out[b][c][y][x] lives at b * batch + c * plane + y * W + x (rows of W
+// contiguous pixels; a contiguous result has plane = H * W, batch = C * H * W, but a band of
+// rows sliced out of a taller map has a larger plane), plus bias[c] when bias is not null.
+template <typename T>
+struct OutLayout {
+  int64_t batch, plane;
+  const T* bias;
+};
+
 template <typename T>
 struct KernelSet {
-  void (*forward)(const T* x, const T* filters, T* out, const ConvShape& s, int64_t begin, int64_t end);
+  void (*forward)(const T* x, const T* filters, T* out, const OutLayout<T>& o, const ConvShape& s,
+                  int64_t begin, int64_t end);
   void (*grad_input)(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t begin, int64_t end);
   void (*grad_filters)(const T* g, const T* x, T* gf, const ConvShape& s, int64_t begin, int64_t end);
 };

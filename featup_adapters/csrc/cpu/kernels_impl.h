@@ -81,7 +81,7 @@ template <typename T, int NC, int NX>
 inline int64_t pair_tiles(const T* __restrict F, const T* __restrict X, const SourceRow* rows,
                           int64_t nrows, int64_t k, int64_t fj, int64_t xj, int64_t xplane,
                           T* __restrict out, int64_t oplane, int64_t orow, bool two, int64_t x0,
-                          int64_t xend) {
+                          int64_t xend, const T* bias) {
   typedef typename Vec<T, NX>::type V;
   for (; x0 + NX <= xend; x0 += NX) {
     V a0[NC], a1[NC];
@@ -99,6 +99,11 @@ inline int64_t pair_tiles(const T* __restrict F, const T* __restrict X, const So
       else
         pair_step<T, NC, NX, false, true>(a0, a1, F0, F1, xv, k, fj, xj, xplane);
     }
+    if (bias)
+      for (int c = 0; c < NC; ++c) {
+        a0[c] += bias[c];
+        a1[c] += bias[c];
+      }
     for (int c = 0; c < NC; ++c) {
       vstore<T, NX>(out + c * oplane + x0, a0[c]);
       if (two) vstore<T, NX>(out + c * oplane + orow + x0, a1[c]);
@@ -108,15 +113,16 @@ inline int64_t pair_tiles(const T* __restrict F, const T* __restrict X, const So
 }
 
 // Whole rows [0, width) for NC channels: wide tiles first, then narrower ones for the tail.
+// `bias`: null, or NC values added to the channels' results.
 template <typename T, int NC>
 inline void pair_row(const T* F, const T* X, const SourceRow* rows, int64_t nrows, int64_t k,
                      int64_t fj, int64_t xj, int64_t xplane, T* out, int64_t oplane, int64_t orow,
-                     bool two, int64_t width) {
-  int64_t x0 = pair_tiles<T, NC, XT>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, 0, width);
-  if (XT > 8) x0 = pair_tiles<T, NC, (XT > 8 ? XT / 2 : 1)>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width);
-  if (XT > 16) x0 = pair_tiles<T, NC, (XT > 16 ? XT / 4 : 1)>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width);
-  x0 = pair_tiles<T, NC, 4>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width);
-  pair_tiles<T, NC, 1>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width);
+                     bool two, int64_t width, const T* bias) {
+  int64_t x0 = pair_tiles<T, NC, XT>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, 0, width, bias);
+  if (XT > 8) x0 = pair_tiles<T, NC, (XT > 8 ? XT / 2 : 1)>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width, bias);
+  if (XT > 16) x0 = pair_tiles<T, NC, (XT > 16 ? XT / 4 : 1)>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width, bias);
+  x0 = pair_tiles<T, NC, 4>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width, bias);
+  pair_tiles<T, NC, 1>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width, bias);
 }
 
 // `nc` channels of a pair (channel c at X + c * xplane, out + c * oplane): tiles of NC channels,
@@ -125,13 +131,16 @@ inline void pair_row(const T* F, const T* X, const SourceRow* rows, int64_t nrow
 template <typename T>
 inline void pair_channels(int64_t nc, const T* F, const T* X, const SourceRow* rows, int64_t nrows,
                           int64_t k, int64_t fj, int64_t xj, int64_t xplane, T* out,
-                          int64_t oplane, int64_t orow, bool two, int64_t width) {
+                          int64_t oplane, int64_t orow, bool two, int64_t width,
+                          const T* bias = nullptr) {
   constexpr int NC = sizeof(T) > 4 ? CB / 2 : CB;
   int64_t c = 0;
   for (; c + NC <= nc; c += NC)
-    pair_row<T, NC>(F, X + c * xplane, rows, nrows, k, fj, xj, xplane, out + c * oplane, oplane, orow, two, width);
+    pair_row<T, NC>(F, X + c * xplane, rows, nrows, k, fj, xj, xplane, out + c * oplane, oplane, orow, two, width,
+                    bias ? bias + c : nullptr);
   for (; c < nc; ++c)
-    pair_row<T, 1>(F, X + c * xplane, rows, nrows, k, fj, xj, xplane, out + c * oplane, oplane, orow, two, width);
+    pair_row<T, 1>(F, X + c * xplane, rows, nrows, k, fj, xj, xplane, out + c * oplane, oplane, orow, two, width,
+                   bias ? bias + c : nullptr);
 }
 
 // filters[b][y][x][t] -> ft[q][t][x] (rows `stride` apart) for `rows` consecutive output rows
@@ -158,7 +167,8 @@ inline T* align64(T* raw) {
 }
 
 template <typename T>
-void forward(const T* x, const T* filters, T* out, const ConvShape& s, int64_t begin, int64_t end) {
+void forward(const T* x, const T* filters, T* out, const OutLayout<T>& o, const ConvShape& s,
+             int64_t begin, int64_t end) {
   // out[c][y + q][x] = sum_{i, j} ft[q][i * k + j][x] * x[c][y + q + i][x + j]: source row r
   // (input row y + r) is tap row r of output row y and tap row r - 1 of output row y + 1.
   const int64_t k = s.k, kk = s.kk(), H = s.H, W = s.W, Hp = s.Hp(), Wp = s.Wp();
@@ -187,7 +197,8 @@ void forward(const T* x, const T* filters, T* out, const ConvShape& s, int64_t b
     }
     const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
     pair_channels<T>(nc, ft, x + input_offset(s, b, c0, y, 0), rows, nrows, k, Wa, 1, Hp * Wp,
-                     out + output_offset(s, b, c0, y, 0), H * W, W, two, W);
+                     out + b * o.batch + c0 * o.plane + y * W, o.plane, W, two, W,
+                     o.bias ? o.bias + c0 : nullptr);
   }
   delete[] ft_raw;
 }
