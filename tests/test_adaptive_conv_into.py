@@ -102,3 +102,27 @@ def test_opcheck_and_compile():
     want = torch.zeros(2, 11, 20, 21)
     want[:, :, 3:12] = ops.adaptive_conv(x, f) + b.view(1, -1, 1, 1)
     torch.testing.assert_close(compiled(x, f, b), 2 * want, rtol=0, atol=2e-5)
+
+
+def test_without_the_extension_the_reference_writes_the_band():
+    from test_ops import _run
+
+    res = _run("""
+        import sys, warnings
+        sys.modules["featup_adapters._C"] = None   # as if the extension was never built
+        import torch, featup_adapters.ops as O
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 3, 10, 12, generator=g, dtype=torch.float64)
+        f = torch.randn(1, 4, 6, 7, 7, generator=g, dtype=torch.float64)
+        b = torch.randn(3, generator=g, dtype=torch.float64)
+        full = torch.full((1, 3, 9, 6), 5.0, dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            O.adaptive_conv_into(x, f, full[:, :, 2:6], b)
+        want = O.adaptive_conv_reference(x, f) + b.view(1, -1, 1, 1)
+        torch.testing.assert_close(full[:, :, 2:6], want, rtol=1e-12, atol=1e-12)
+        assert bool((full[:, :, :2] == 5).all()) and bool((full[:, :, 6:] == 5).all())
+        print(O.backend("cpu").name)
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "reference"

@@ -22,7 +22,7 @@ from ._checks import check_adaptive_conv_args
 from ._loader import NATIVE, BackendChoice, backend, cpu_isa, extension_loaded, has_kernel, warn_fallback
 from .resize import bicubic_pad, bicubic_pad_reference
 from .reference import (adaptive_conv_grad_filters_reference, adaptive_conv_grad_input_reference,
-                        adaptive_conv_reference)
+                        adaptive_conv_reference, copy_with_bias)
 
 __all__ = ["adaptive_conv", "adaptive_conv_into", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
            "extension_loaded", "has_kernel", "adaptive_conv_grad_input_reference",
@@ -87,6 +87,5 @@ def adaptive_conv_into(input: Tensor, filters: Tensor, out: Tensor, bias: Tensor
         torch.ops.featup_adapters.adaptive_conv_into(input, filters, bias, out)
         return out
     warn_fallback(input.device.type)
-    res = adaptive_conv_reference(input, filters)
-    out.copy_(res if bias is None else res + bias.to(res.dtype).view(1, -1, 1, 1))
+    copy_with_bias(out, adaptive_conv_reference(input, filters), bias)
     return out

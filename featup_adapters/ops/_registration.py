@@ -23,6 +23,7 @@ from ._checks import check_adaptive_conv_args
 from . import _resize_cuda
 from ._loader import extension_loaded
 from ._resize_cuda import padded_sizes
+from .reference import copy_with_bias
 
 ops = torch.ops.featup_adapters if extension_loaded() else None
 
@@ -54,8 +55,7 @@ def _register() -> None:
         return None
 
     def _cuda_forward_into(input, filters, bias, out):
-        res = ops.adaptive_conv(input, filters)
-        out.copy_(res if bias is None else res + bias.to(res.dtype).view(1, -1, 1, 1))
+        copy_with_bias(out, ops.adaptive_conv(input, filters), bias)
 
     torch.library.register_kernel(lib + "adaptive_conv_into", "cuda", _cuda_forward_into)
 

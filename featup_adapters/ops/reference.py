@@ -66,3 +66,9 @@ def adaptive_conv_grad_filters_reference(grad_out: Tensor, input: Tensor) -> Ten
         for j in range(k):
             grad_f[:, :, :, i, j] = (g * x[:, :, i:i + H, j:j + W]).sum(1)
     return grad_f.to(grad_out.dtype)
+
+
+def copy_with_bias(out: Tensor, result: Tensor, bias: Tensor | None) -> None:
+    """``out[...] = result + bias.view(1, C, 1, 1)``: ``adaptive_conv_into`` composed from a
+    functional result (the reference, and the CUDA kernel, which has no in-place variant)."""
+    out.copy_(result if bias is None else result + bias.to(result.dtype).view(1, -1, 1, 1))

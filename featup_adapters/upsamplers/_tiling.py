@@ -212,9 +212,8 @@ class _Level:
             self.buf = buf
         elif keep and lo > self.buf_lo:                              # slide the shared rows down
             self.buf[:, :, :n_keep].copy_(old.clone())
-        self.buf_lo, self.n = lo, n_keep
-        self.compute(start, hi, self.buf[:, :, n_keep:n_keep + hi - start])
-        self.n = n_keep + hi - start
+        self.compute(start, hi, self.buf[:, :, n_keep:need])
+        self.buf_lo, self.n = lo, need
         return self.buf[:, :, :self.n]
 
     def compute(self, a: int, b: int, out: Tensor, bias: Tensor | None = None) -> None:

@@ -83,15 +83,16 @@ void forward_into_cpu(const at::Tensor& input, const at::Tensor& filters,
                 "adaptive_conv_into: expected bias of shape [", C, "] on ", input.device(), ", got ",
                 bias->sizes(), " on ", bias->device());
   const auto ct = compute_type(dtype);
+  const auto b = has_bias ? bias->to(ct).contiguous() : at::Tensor();
   const bool direct = out.scalar_type() == ct && (W <= 1 || out.stride(3) == 1) &&
                       (H <= 1 || out.stride(2) == W) && out.stride(1) >= H * W &&
                       (B <= 1 || out.stride(0) >= C * out.stride(1));
   if (direct) {
-    run_forward(input, filters, out, has_bias ? bias->to(ct).contiguous() : at::Tensor());
+    run_forward(input, filters, out, b);
     return;
   }
   auto res = empty_large({B, C, H, W}, input.options().dtype(ct));
-  run_forward(input, filters, res, has_bias ? bias->to(ct).contiguous() : at::Tensor());
+  run_forward(input, filters, res, b);
   out.copy_(res);
 }
 
