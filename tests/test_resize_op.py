@@ -68,6 +68,20 @@ def test_forward_and_backward_match_interpolate_and_pad_in_float64(shape, size, 
     torch.testing.assert_close(bicubic_pad_reference(x.detach(), size, r), want.detach())
 
 
+# Wide rows at integer factors: the backward sums the interior columns as shifted contiguous
+# combinations of the row's phases (one per period position) and gathers only the borders; a
+# non-integer factor and a factor of 1 gather every column.
+@pytest.mark.parametrize("w,W,r", [(56, 112, 3), (37, 111, 3), (16, 64, 2), (12, 96, 5), (40, 40, 3),
+                                   (25, 60, 3), (30, 60, 0)])
+def test_backward_of_wide_rows_matches_autograd_in_float64(w, W, r):
+    x = make((2, 3, 4, w)).requires_grad_(True)
+    want = oracle(x, (8, W), r)
+    g = make(want.shape, seed=2)
+    (want_gx,) = torch.autograd.grad(want, x, g)
+    got_gx = OP.bicubic_pad_backward(g, [4, w], r)
+    torch.testing.assert_close(got_gx, want_gx, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize("shape,size,r", SHAPES[:4] + SHAPES[8:10])
 def test_lower_precisions_compute_in_float32(shape, size, r, dtype, tol):

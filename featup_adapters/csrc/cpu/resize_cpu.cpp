@@ -10,8 +10,9 @@
 //      and the padding gathers;
 //   2. each padded output row combines the 4 ring rows of its taps (vectorized over x).
 // The backward is the transpose: per source row, a combination of the grad rows that used it
-// (a list per source row), then a gather along x over the columns that used each source column
-// (a fixed number of entries per column, padded with a zero slot). float16 / bfloat16 compute in
+// (a list per source row), then along x the sum over the columns that used each source column:
+// for an integer factor the interior as shifted contiguous combinations (AdjointCols), the
+// borders by a gather (a fixed number of entries per column, padded with a zero slot). float16 / bfloat16 compute in
 // float32; the forward rounds each finished output row once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -239,23 +240,91 @@ void forward_kernel(const T* x, O* out, int64_t planes, int64_t h, int64_t w, co
   });
 }
 
+// The backward's columns, like ColPlan for the forward: for an integer factor the interior source
+// columns j in [j0, j0 + run) are read by the same number L of consecutive padded columns with
+// the same weights, one period p further for each next j (positions P0 + p (j - j0) + l, l < L).
+// Their sums are shifted contiguous combinations of the p phases of the row, phase c being the
+// padded columns P0 + c + p m (one strided pass over the row); the other columns (borders,
+// reflected padding, non-integer factors) gather from a fixed-width table.
+template <typename T>
+struct AdjointCols {
+  int64_t j0 = 0, run = 0, p = 0, L = 0, P0 = 0, M = 0;  // M: length of each phase
+  std::vector<T> w;                                        // [L]
+  // Gathered columns [first, first + n): G entries per column, tables [G][n] (unused entries
+  // read the zero at Wp). All columns when there is no run, else those before and after it.
+  struct Gathered {
+    int64_t first, n;
+    std::vector<int32_t> idx;
+    std::vector<T> w;
+  };
+  int64_t G = 1;
+  std::vector<Gathered> gathered;
+};
+
+template <typename T>
+AdjointCols<T> adjoint_cols(const Adjoint<T>& a, int64_t w, int64_t Wp) {
+  AdjointCols<T> c;
+  auto count = [&](int64_t j) { return a.start[j + 1] - a.start[j]; };
+  auto consecutive = [&](int64_t j) {
+    for (int64_t e = a.start[j] + 1; e < a.start[j + 1]; ++e)
+      if (a.pos[e] != a.pos[e - 1] + 1) return false;
+    return count(j) > 0;
+  };
+  // j and j + 1 one period apart: same count and weights, positions shifted by the same step
+  auto next = [&](int64_t j, int64_t step) {
+    if (j + 1 >= w || count(j + 1) != count(j) || !consecutive(j + 1)) return false;
+    for (int64_t l = 0; l < count(j); ++l)
+      if (a.pos[a.start[j + 1] + l] != a.pos[a.start[j] + l] + step ||
+          a.w[a.start[j + 1] + l] != a.w[a.start[j] + l]) return false;
+    return true;
+  };
+  int64_t best_j = 0, best_run = 0, best_p = 0;
+  for (int64_t j = 0; j + 1 < w;) {
+    const int64_t step = count(j) > 0 && count(j + 1) > 0 ? a.pos[a.start[j + 1]] - a.pos[a.start[j]] : 0;
+    if (step < 1 || !consecutive(j) || !next(j, step)) { ++j; continue; }
+    int64_t e = j + 1;
+    while (next(e, step)) ++e;
+    if (e + 1 - j > best_run) { best_j = j; best_run = e + 1 - j; best_p = step; }
+    j = e;
+  }
+  if (best_run >= 8) {
+    c.j0 = best_j, c.run = best_run, c.p = best_p, c.L = count(best_j);
+    c.P0 = a.pos[a.start[best_j]];
+    c.M = c.run + (c.L + c.p - 1) / c.p;
+    c.w.assign(a.w.begin() + a.start[best_j], a.w.begin() + a.start[best_j] + c.L);
+  }
+  for (int64_t j = 0; j < w; ++j) c.G = std::max(c.G, count(j));
+  auto gather = [&](int64_t first, int64_t n) {
+    if (n <= 0) return;
+    typename AdjointCols<T>::Gathered s{first, n, std::vector<int32_t>(c.G * n, static_cast<int32_t>(Wp)),
+                                        std::vector<T>(c.G * n, T(0))};
+    for (int64_t q = 0; q < n; ++q)
+      for (int64_t e = a.start[first + q], l = 0; e < a.start[first + q + 1]; ++e, ++l) {
+        s.idx[l * n + q] = static_cast<int32_t>(a.pos[e]);
+        s.w[l * n + q] = a.w[e];
+      }
+    c.gathered.push_back(std::move(s));
+  };
+  if (c.run == 0) {
+    gather(0, w);
+  } else {
+    gather(0, c.j0);
+    gather(c.j0 + c.run, w - c.j0 - c.run);
+  }
+  return c;
+}
+
 template <typename T>
 void backward_kernel(const T* g, T* gi, int64_t planes, int64_t h, int64_t w, int64_t Hp, int64_t Wp,
                      const Adjoint<T>& ah, const Adjoint<T>& aw) {
   const auto& ks = resize_kernels<T>();
-  // columns as a fixed-width table [L][w]; unused entries read the zero at acc[Wp]
-  const int64_t L = aw.max_count;
-  std::vector<int32_t> cidx(L * w, static_cast<int32_t>(Wp));
-  std::vector<T> cw(L * w, T(0));
-  for (int64_t j = 0; j < w; ++j)
-    for (int64_t e = aw.start[j], l = 0; e < aw.start[j + 1]; ++e, ++l) {
-      cidx[l * w + j] = static_cast<int32_t>(aw.pos[e]);
-      cw[l * w + j] = aw.w[e];
-    }
+  const AdjointCols<T> cols = adjoint_cols(aw, w, Wp);
   const int64_t chunk = rows_per_item(planes, h), nchunks = (h + chunk - 1) / chunk;
   at::parallel_for(0, planes * nchunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(Wp + 1, T(0));
-    std::vector<const T*> rows(std::max<int64_t>(ah.max_count, 1));
+    std::vector<T> acc(Wp + 1, T(0)), phases(std::max<int64_t>(cols.p * cols.M, 1));
+    std::vector<const T*> rows(std::max<int64_t>(ah.max_count, 1)), taps(std::max<int64_t>(cols.L, 1));
+    for (int64_t l = 0; l < cols.L; ++l)  // tap l of the run: phase l % p, shifted by l / p
+      taps[l] = phases.data() + (l % cols.p) * cols.M + l / cols.p;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t plane = item / nchunks, i0 = (item % nchunks) * chunk;
       const int64_t i1 = std::min(i0 + chunk, h);
@@ -265,7 +334,15 @@ void backward_kernel(const T* g, T* gi, int64_t planes, int64_t h, int64_t w, in
         for (int64_t e = 0; e < n; ++e) rows[e] = G + ah.pos[e0 + e] * Wp;
         ks.combine_rows(acc.data(), rows.data(), ah.w.data() + e0, n, Wp);
         acc[Wp] = T(0);
-        ks.gather_cols(gi + (plane * h + i) * w, acc.data(), cidx.data(), cw.data(), L, w);
+        T* dst = gi + (plane * h + i) * w;
+        for (const auto& s : cols.gathered)
+          ks.gather_cols(dst + s.first, acc.data(), s.idx.data(), s.w.data(), cols.G, s.n);
+        if (cols.run == 0) continue;
+        for (int64_t c = 0; c < cols.p; ++c) {  // phase c: acc[P0 + c + p m] (past the row: 0)
+          T* ph = phases.data() + c * cols.M;
+          for (int64_t m = 0; m < cols.M; ++m) ph[m] = acc[std::min(cols.P0 + c + cols.p * m, Wp)];
+        }
+        ks.combine_rows(dst + cols.j0, taps.data(), cols.w.data(), cols.L, cols.run);
       }
     }
   });

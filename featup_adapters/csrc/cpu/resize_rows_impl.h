@@ -55,19 +55,36 @@ void periodic_cols(T* __restrict dst, const T* __restrict src, const int32_t* ba
 
 template <typename T>
 void combine_rows(T* __restrict dst, const T* const* rows, const T* w, int64_t L, int64_t n) {
-  if (L == 4) {
-    const T* __restrict r0 = rows[0];
-    const T* __restrict r1 = rows[1];
-    const T* __restrict r2 = rows[2];
-    const T* __restrict r3 = rows[3];
-    const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
-    for (int64_t q = 0; q < n; ++q) dst[q] = w0 * r0[q] + w1 * r1[q] + w2 * r2[q] + w3 * r3[q];
+  // Rows four at a time, each group in one pass over dst (the first group assigns, the others
+  // accumulate), so a long combination (the backward's 8 rows at 2x) makes two passes, not eight.
+  int64_t l = 0;
+  for (; l + 4 <= L; l += 4) {
+    const T* __restrict r0 = rows[l];
+    const T* __restrict r1 = rows[l + 1];
+    const T* __restrict r2 = rows[l + 2];
+    const T* __restrict r3 = rows[l + 3];
+    const T w0 = w[l], w1 = w[l + 1], w2 = w[l + 2], w3 = w[l + 3];
+    if (l == 0)
+      for (int64_t q = 0; q < n; ++q) dst[q] = w0 * r0[q] + w1 * r1[q] + w2 * r2[q] + w3 * r3[q];
+    else
+      for (int64_t q = 0; q < n; ++q) dst[q] += w0 * r0[q] + w1 * r1[q] + w2 * r2[q] + w3 * r3[q];
+  }
+  const int64_t rest = L - l;
+  if (rest == 0) {
+    if (L == 0)
+      for (int64_t q = 0; q < n; ++q) dst[q] = T(0);
     return;
   }
-  for (int64_t q = 0; q < n; ++q) dst[q] = T(0);
-  for (int64_t l = 0; l < L; ++l) {
-    const T* __restrict r = rows[l];
-    const T wl = w[l];
-    for (int64_t q = 0; q < n; ++q) dst[q] += wl * r[q];
-  }
+  const T* __restrict r0 = rows[l];
+  const T* __restrict r1 = rows[rest > 1 ? l + 1 : l];
+  const T* __restrict r2 = rows[rest > 2 ? l + 2 : l];
+  const T w0 = w[l], w1 = rest > 1 ? w[l + 1] : T(0), w2 = rest > 2 ? w[l + 2] : T(0);
+  const bool first = l == 0;
+  if (rest == 1)
+    for (int64_t q = 0; q < n; ++q) dst[q] = (first ? T(0) : dst[q]) + w0 * r0[q];
+  else if (rest == 2)
+    for (int64_t q = 0; q < n; ++q) dst[q] = (first ? T(0) : dst[q]) + (w0 * r0[q] + w1 * r1[q]);
+  else
+    for (int64_t q = 0; q < n; ++q)
+      dst[q] = (first ? T(0) : dst[q]) + (w0 * r0[q] + w1 * r1[q] + w2 * r2[q]);
 }
