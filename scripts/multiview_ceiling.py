@@ -11,6 +11,12 @@ Any upsampler's output is one such map.  On the views it was fitted to, the free
 to bilinear's on the same views, and the held-out score next to the upsampler's and bilinear's:
 
     python scripts/multiview_ceiling.py --data ~/.cache/featup_adapters/photos/val --json out.json
+
+``--fit upsampler`` fits a copy of the upsampler per photo instead of a free map (the same views
+and loss): how low that architecture gets when it may specialize to each photo.  With
+``--fit-params fixup`` only the stack's final C x C map is fitted, with ``--fit-params stages``
+everything but it (the image-guided spatial kernels), which separates what spatial detail buys
+from what a per-photo recalibration of the channels buys.
 """
 from __future__ import annotations
 
@@ -45,28 +51,74 @@ class _Lookup(nn.Module):
         return torch.stack([self.maps[self.key(g)] for g in guidance])
 
 
-def fit_map(neck, x, d, fit_views, steps, lr, seed):
-    """Fit one free map for the normalized image ``x[1, 3, H, W]``; returns (map, fit error)."""
-    k = int(neck.stride) // d
+def _fit_targets(neck, x, d, fit_views, seed):
     H, W = x.shape[-2] // d, x.shape[-1] // d
     with torch.no_grad():
         src = neck.features(x).float()
         g = torch.Generator().manual_seed(seed)
         views = [sample_jitter((H, W), 20 // d, 2.0, generator=g) for _ in range(fit_views)]
         targets = [neck.features(t.scaled(d)(x)).float() for t in views]
-    hr = F.interpolate(src, size=(H, W), mode="bilinear", align_corners=False).clone().requires_grad_(True)
-    opt = torch.optim.Adam([hr], lr=lr)
     den = sum(float((t - t.mean(dim=(0, 2, 3), keepdim=True)).square().sum()) for t in targets)
+    return src, views, targets, den
+
+
+def _views_loss(hr, views, targets, k):
+    loss = 0.0
+    for t, target in zip(views, targets):
+        v = t(hr)
+        h, w = target.shape[-2:]
+        if tuple(v.shape[-2:]) != (h * k, w * k):
+            v = F.interpolate(v, size=(h * k, w * k), mode="bilinear", align_corners=False)
+        loss = loss + (F.avg_pool2d(v, k) - target).square().sum()
+    return loss
+
+
+def fit_upsampler(neck, x, d, fit_views, steps, lr, seed, params="all"):
+    """Fit a copy of ``neck.upsampler`` to one photo's views; returns (its map, fit-error curve,
+    the fitted copy).
+
+    The same fit as ``fit_map``, but the map is constrained to what the upsampler's architecture
+    can produce from ``F(x)`` and the image: how low THIS architecture gets when it may specialize
+    to the photo (a per-image bound for a feed-forward upsampler of that design).
+    """
+    import copy
+
+    k = int(neck.stride) // d
+    H, W = x.shape[-2] // d, x.shape[-1] // d
+    src, views, targets, den = _fit_targets(neck, x, d, fit_views, seed)
+    up = copy.deepcopy(neck.upsampler).train()
+    chosen = []
+    for name, q in up.named_parameters():
+        final = name.startswith("fixup_proj.")          # the stack's final C x C map
+        q.requires_grad_(params == "all" or (params == "fixup") == final)
+        if q.requires_grad:
+            chosen.append(q)
+    if not chosen:
+        raise SystemExit(f"--fit-params {params}: the upsampler has no such parameters")
+    opt = torch.optim.Adam(chosen, lr=lr)
     curve = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = 0.0
-        for t, target in zip(views, targets):
-            v = t(hr)
-            h, w = target.shape[-2:]
-            if tuple(v.shape[-2:]) != (h * k, w * k):
-                v = F.interpolate(v, size=(h * k, w * k), mode="bilinear", align_corners=False)
-            loss = loss + (F.avg_pool2d(v, k) - target).square().sum()
+        loss = _views_loss(up(src, x, output_size=(H, W)), views, targets, k)
+        (loss / den).backward()
+        curve.append(float(loss.detach()) / den)
+        opt.step()
+    with torch.no_grad():
+        hr = up.eval()(src, x, output_size=(H, W)).float()
+    return hr[0], curve, up
+
+
+def fit_map(neck, x, d, fit_views, steps, lr, seed):
+    """Fit one free map for the normalized image ``x[1, 3, H, W]``; returns (map, fit error)."""
+    k = int(neck.stride) // d
+    H, W = x.shape[-2] // d, x.shape[-1] // d
+    src, views, targets, den = _fit_targets(neck, x, d, fit_views, seed)
+    hr = F.interpolate(src, size=(H, W), mode="bilinear", align_corners=False).clone().requires_grad_(True)
+    opt = torch.optim.Adam([hr], lr=lr)
+    curve = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = _views_loss(hr, views, targets, k)
         (loss / den).backward()
         curve.append(float(loss.detach()) / den)
         opt.step()
@@ -84,6 +136,11 @@ def main(argv=None):
     p.add_argument("--fit-views", type=int, default=64)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--fit", choices=("map", "upsampler"), default="map",
+                   help="fit a free map per photo, or a copy of the upsampler per photo")
+    p.add_argument("--fit-params", choices=("all", "fixup", "stages"), default="all",
+                   help="with --fit upsampler: which of its parameters the fit may change "
+                        "(fixup = the final C x C map, stages = everything else)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -95,14 +152,19 @@ def main(argv=None):
     fit_errs = []
     for i in range(images.shape[0]):
         x = _normalize(images[i:i + 1].float(), neck.mean, neck.std)
-        m, curve = fit_map(neck, x, d, a.fit_views, a.steps, a.lr, seed=1000 + i)
+        if a.fit == "map":
+            m, curve = fit_map(neck, x, d, a.fit_views, a.steps, a.lr, seed=1000 + i)
+        else:
+            m, curve, _ = fit_upsampler(neck, x, d, a.fit_views, a.steps, a.lr, seed=1000 + i,
+                                        params=a.fit_params)
         oracle.maps[_Lookup.key(x[0])] = m
         fit_errs.append({"bilinear": curve[0], "fitted": curve[-1], "curve": curve[::10]})
         print(f"photo {i + 1}/{len(ds)}: fit-view error bilinear {curve[0]:.4f} -> {curve[-1]:.4f} "
               f"({curve[-1] / curve[0]:.3f}x; every 10 steps {[round(c, 4) for c in curve[::10]]})",
               file=sys.stderr, flush=True)
     res = {}
-    for name, m in (("free map (fitted)", oracle), ("upsampler", neck.upsampler),
+    fitted = "free map (fitted)" if a.fit == "map" else "upsampler fitted"
+    for name, m in ((fitted, oracle), ("upsampler", neck.upsampler),
                     ("bilinear", make_upsampler("bilinear"))):
         res[name] = multiview_error(neck, m, images, n_views=a.views, seed=0, hr_downscale=d)
     print(f"{'method':<18} {'mv error':>9} {'x bilinear':>10}")
@@ -110,7 +172,7 @@ def main(argv=None):
         print(f"{name:<18} {v:9.4f} {v / res['bilinear']:10.3f}")
     fb = sum(e["bilinear"] for e in fit_errs) / len(fit_errs)
     ff = sum(e["fitted"] for e in fit_errs) / len(fit_errs)
-    print(f"on the fitted views themselves (mean over photos): bilinear {fb:.4f}, free map {ff:.4f} "
+    print(f"on the fitted views themselves (mean over photos): bilinear {fb:.4f}, {fitted} {ff:.4f} "
           f"({ff / fb:.3f}x)")
     if a.json:
         with open(a.json, "w") as fh:
