@@ -8,6 +8,11 @@ Backends per device, in priority order: the compiled CUDA kernel, the compiled C
 (OpenMP, vectorized, ISA chosen at run time), the pure PyTorch reference.  ``backend()`` says
 which one serves each device and why the others do not; a fallback to the reference warns once.
 
+The compiled CPU kernels (these ops and ``bicubic_pad``) read and write subnormal numbers
+(below 1.2e-38 in float32) as zero while they run: x86 cores are many times slower on them, and
+the JBU's softmax kernels and their gradients are full of them.  The caller's floating-point mode,
+and PyTorch's, are left as they were (``csrc/cpu/denormals.h``).
+
 ``bicubic_pad(x, (H, W), r)`` (``resize.py``) is the bicubic resize + reflect pad JBU feeds the
 convolution with: a compiled CPU kernel, torch's own kernels on CUDA, ``F.interpolate`` + ``F.pad``
 as the reference.

@@ -203,10 +203,12 @@ def fixup_kernel(kernel: Tensor, guidance: Tensor, fixup_proj, *, inplace: bool 
         fix = torch.addmm(c3.bias.expand(n, k2), h, w3.t(), beta=0.1, alpha=0.1)
     else:
         fix = torch.mm(h, w3.t()).mul_(0.1)
-    fix = fix.view(B, H, W, k2)
     if fix.dtype != acc:
-        return kernel + fix.to(acc)
-    return fix.add_(kernel)                  # addmm's output is not saved for its backward
+        return kernel + fix.view(B, H, W, k2).to(acc)
+    # in place on addmm's own output (not saved for its backward) before it is viewed: an
+    # in-place op on a view would make autograd replay the view in the backward (CopySlices +
+    # AsStrided, about 14 ms at 224^2)
+    return fix.add_(kernel.reshape(n, k2)).view(B, H, W, k2)
 
 
 def stage_kernel(q_pad: Tensor, guidance: Tensor, *, range_temp, fixup_proj, sigma_spatial,
