@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 import featup_adapters
 from featup_adapters.adapters import Layer, register_backbone
 from featup_adapters.training.jitter import sample_jitter
+from test_eval_command import TinyConvNet  # features [B, 6, H/8, W/8] at module 'body'
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "multiview_ceiling.py"
 
@@ -25,18 +25,6 @@ def _script():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-class TinyConvNet(nn.Module):
-    """Features [B, 6, H/8, W/8] at module 'body'."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 6, 4, 4), nn.Tanh(), nn.Conv2d(6, 6, 2, 2))
-
-    def forward(self, x):
-        return self.body(x)
 
 
 @pytest.fixture
