@@ -133,3 +133,64 @@ def test_fit_params_without_such_parameters_is_refused(setup):
     with pytest.raises(SystemExit, match="no such parameters"):
         mod.fit_upsampler(neck, x, 2, fit_views=1, steps=1, lr=1e-2, seed=0, params="fixup")
     neck.remove()
+
+
+def test_shared_fit_is_one_upsampler_for_every_photo(setup, tmp_path, capsys):
+    mod = _script()
+    name, up_dir, photos = setup
+    neck, x = _neck_and_image(name, up_dir)
+    x2 = torch.flip(x, dims=[-1])
+    before = {k: v.detach().clone() for k, v in neck.upsampler.named_parameters()}
+    up, curve = mod.fit_upsampler_shared(neck, [x, x2], 2, fit_views=2, steps=8, lr=1e-2,
+                                         seeds=[0, 1], params="stages")
+    assert curve[-1] < curve[0]
+    assert not up.training
+    moved = {k for k, v in up.named_parameters() if not torch.equal(v.detach(), before[k])}
+    assert moved and not any(k.startswith("fixup_proj.") for k in moved)
+    neck.remove()
+    out = tmp_path / "shared.json"
+    rc = mod.main(["--backbone", name, "--upsampler", str(up_dir), "--data", str(photos),
+                   "--image-size", "32", "--factor", "4", "--views", "2", "--fit-views", "2",
+                   "--steps", "2", "--fit", "upsampler", "--shared", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res["multiview_error"]) == {"upsampler fitted (shared)", "upsampler", "bilinear"}
+    assert len(res["fit_view_error"]) == 1
+
+
+def test_shared_needs_an_upsampler_fit(setup, capsys):
+    mod = _script()
+    name, up_dir, photos = setup
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--backbone", name, "--upsampler", str(up_dir), "--data", str(photos), "--shared"])
+    assert e.value.code == 2
+    assert "--fit upsampler" in capsys.readouterr().err
+
+
+def test_fit_data_fits_on_other_photos_and_scores_the_evaluated_ones(setup, tmp_path):
+    mod = _script()
+    name, up_dir, photos = setup
+    other = tmp_path / "other"
+    other.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(other / f"o{i}.png")
+    out = tmp_path / "fitdata.json"
+    rc = mod.main(["--backbone", name, "--upsampler", str(up_dir), "--data", str(photos),
+                   "--fit-data", str(other), "--image-size", "32", "--factor", "4", "--views", "2",
+                   "--fit-views", "2", "--steps", "2", "--fit", "upsampler", "--shared",
+                   "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["args"]["fit_data"] == str(other)
+    assert set(res["multiview_error"]) == {"upsampler fitted (shared)", "upsampler", "bilinear"}
+
+
+def test_fit_data_needs_a_shared_fit(setup, capsys):
+    mod = _script()
+    name, up_dir, photos = setup
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--backbone", name, "--upsampler", str(up_dir), "--data", str(photos),
+                  "--fit", "upsampler", "--fit-data", str(photos)])
+    assert e.value.code == 2
+    assert "--shared" in capsys.readouterr().err
