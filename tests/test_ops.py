@@ -52,6 +52,17 @@ def test_forward_and_gradients_match_float64_reference(shape, dtype, tol):
     torch.testing.assert_close(gf.double(), ref_gf, atol=tol * (1 + ref_gf.abs().max().item()), rtol=tol)
 
 
+@pytest.mark.parametrize("shape", [(2, 11, 37, 531, 7), (1, 9, 41, 257, 3), (1, 5, 4, 300, 5)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_forward_column_strips_and_row_bands(shape, dtype, tol):
+    # Wider than one column strip (256 pixels) and taller than one band of row pairs: strips of
+    # equal width and a narrower last one, a last band with fewer pairs, an unpaired last row.
+    x, f = make(*shape)
+    ref = adaptive_conv_reference(x, f)
+    out = adaptive_conv(x.to(dtype), f.to(dtype))
+    torch.testing.assert_close(out.double(), ref, atol=tol * (1 + ref.abs().max().item()), rtol=tol)
+
+
 def test_reference_matches_definition_loop():
     x, f = make(1, 2, 3, 4, 3)
     out = adaptive_conv_reference(x, f)
@@ -192,7 +203,8 @@ ISA_CHECK = """
     print(O.cpu_isa())
     g = torch.Generator().manual_seed(1)
     for dtype, tol in [(torch.float32, 1e-4), (torch.float64, 1e-10)]:
-        for (B, C, H, W, k) in [(2, 7, 9, 37, 7), (1, 13, 5, 19, 3), (1, 3, 4, 67, 15), (1, 12, 6, 21, 5)]:
+        for (B, C, H, W, k) in [(2, 7, 9, 37, 7), (1, 13, 5, 19, 3), (1, 3, 4, 67, 15), (1, 12, 6, 21, 5),
+                                (1, 5, 37, 300, 7)]:
             x = torch.randn(B, C, H + k - 1, W + k - 1, generator=g, dtype=torch.float64)
             f = torch.randn(B, H, W, k, k, generator=g, dtype=torch.float64)
             gr = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)

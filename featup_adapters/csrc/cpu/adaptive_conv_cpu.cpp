@@ -48,7 +48,7 @@ void run_forward(const at::Tensor& input, const at::Tensor& filters, at::Tensor&
     scalar_t* op = out.data_ptr<scalar_t>();
     const cpu::OutLayout<scalar_t> o{B > 1 ? out.stride(0) : 0, out.stride(1),
                                      bias.defined() ? bias.data_ptr<scalar_t>() : nullptr};
-    at::parallel_for(0, cpu::forward_items(isa, s), grain(2 * isa.channel_block * W * k * k),
+    at::parallel_for(0, cpu::forward_items(isa, s), grain(2 * isa.channel_block * cpu::forward_strip_width(s) * k * k),
                      [&](int64_t b0, int64_t b1) {
                        cpu::FlushDenormals ftz;
                        ks.forward(xp, fp, op, o, s, b0, b1);

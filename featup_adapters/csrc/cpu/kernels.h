@@ -12,10 +12,12 @@ namespace cpu {
 
 // Layouts (all contiguous):
 //   forward:      x [B][C][Hp][Wp], filters [B][H][W][k*k] (as the user passes them),
-//                 out as OutLayout says; items: (b, pair of rows y, y + 1, channel block) flattened,
-//                 block fastest, count = forward_items(kernels, s)
+//                 out as OutLayout says; items: (b, pair of rows y, y + 1, column strip,
+//                 channel block), in bands of pairs, then strips, then channel blocks, a band's
+//                 pairs fastest (see forward in kernels_impl.h), count = forward_items(kernels, s)
 //   grad_input:   g [B][C][H][W], filters [B][H][W][k*k], gi [B][C][Hp][Wp]; items: (b, pair of
-//                 rows Y, Y + 1, channel block), count = grad_input_items(kernels, s)
+//                 rows Y, Y + 1, channel block), in bands of pairs, a band's pairs fastest
+//                 (see grad_input in kernels_impl.h), count = grad_input_items(kernels, s)
 //   grad_filters: g [B][C][H][W], x [B][C][Hp][Wp], gf [B][H][W][k*k] (the filters' layout);
 //                 items: (b, pair of rows y, y + 1), count = grad_filters_items(s)
 // Where forward writes: out[b][c][y][x] lives at b * batch + c * plane + y * W + x (rows of W
@@ -65,8 +67,16 @@ namespace avx512 { const IsaKernels& kernels(); }
 const IsaKernels& best_kernels();
 
 // Work-item counts of a kernel set for one problem.
+// The forward splits wide rows into column strips of at most about 256 pixels (a multiple of 16,
+// so of every ISA's tile width) so that a band of pairs' filters and input rows stays in L2 at
+// any width: strips of equal width, the last one narrower.
+inline int64_t forward_strip_width(const ConvShape& s) {
+  const int64_t n = num_blocks(s.W, 256);
+  return num_blocks(num_blocks(s.W, n > 0 ? n : 1), 16) * 16;
+}
+inline int64_t forward_strips(const ConvShape& s) { return num_blocks(s.W, forward_strip_width(s)); }
 inline int64_t forward_items(const IsaKernels& ks, const ConvShape& s) {
-  return s.B * num_blocks(s.H, 2) * num_blocks(s.C, ks.channel_block);
+  return s.B * num_blocks(s.H, 2) * forward_strips(s) * num_blocks(s.C, ks.channel_block);
 }
 inline int64_t grad_input_items(const IsaKernels& ks, const ConvShape& s) {
   return s.B * num_blocks(s.Hp(), 2) * num_blocks(s.C, ks.channel_block);

@@ -10,6 +10,7 @@
 #define FA_XT 16
 #define FA_PF_BYTES 128  // software prefetch distance of the kernels
 #define FA_TT 8
+#define FA_VEC_BYTES 64
 #include "kernels_impl.h"
 #pragma GCC pop_options
 #endif

@@ -46,10 +46,21 @@ inline void vstore(T* p, typename Vec<T, N>::type v) { __builtin_memcpy(p, &v, s
 // ahead: a tile reads (k + 1) x NC source rows and 2k filter rows, more streams than the
 // hardware prefetchers follow (at 224x224, C=384, k=7 this took the forward from 22 to 15 ms).
 constexpr int64_t PF = FA_PF_BYTES;
+#ifndef FA_VEC_BYTES
+#define FA_VEC_BYTES 16  // the widest vector register of the target ISA
+#endif
 
 // One source row of a pair: its offset in X and its filter rows for output rows 0 and 1
 // (-1: the source row does not feed that output row).
 struct SourceRow { int64_t x, f0, f1; };
+
+// Where the filter of pixel x lies in a filter row: pixels come in blocks of `block`, each block
+// `block_stride` elements after the previous one, and taps lie `tap` apart. A block of a tile's
+// width that holds all its taps back to back makes the tile's filter reads one sequential stream.
+struct FilterLayout {
+  int64_t tap, block, block_stride;
+  int64_t offset(int64_t x) const { return (x / block) * block_stride + x % block; }
+};
 
 // The k taps j of one source row, accumulated into row 0 (USE0) and/or row 1 (USE1).
 template <typename T, int NC, int NX, bool USE0, bool USE1>
@@ -68,7 +79,12 @@ inline void pair_step(typename Vec<T, NX>::type (&a0)[NC], typename Vec<T, NX>::
       __builtin_prefetch(F1 + PF / sizeof(T), 0, 3);
     }
     for (int c = 0; c < NC; ++c) {
-      const V xx = vload<T, NX>(xv + c * xplane);
+      V xx = vload<T, NX>(xv + c * xplane);
+      // One load feeding both rows: without this GCC folds the load into each FMA and reads
+      // the (usually line-splitting) vector twice.
+#if defined(__x86_64__)
+      if constexpr (USE0 && USE1 && sizeof(V) >= 16 && sizeof(V) <= FA_VEC_BYTES) __asm__("" : "+x"(xx));
+#endif
       if (USE0) a0[c] += f0 * xx;
       if (USE1) a1[c] += f1 * xx;
     }
@@ -79,19 +95,20 @@ inline void pair_step(typename Vec<T, NX>::type (&a0)[NC], typename Vec<T, NX>::
 // stored only if `two`. Returns the first x0 not done.
 template <typename T, int NC, int NX>
 inline int64_t pair_tiles(const T* __restrict F, const T* __restrict X, const SourceRow* rows,
-                          int64_t nrows, int64_t k, int64_t fj, int64_t xj, int64_t xplane,
+                          int64_t nrows, int64_t k, const FilterLayout& fl, int64_t xj, int64_t xplane,
                           T* __restrict out, int64_t oplane, int64_t orow, bool two, int64_t x0,
                           int64_t xend, const T* bias) {
   typedef typename Vec<T, NX>::type V;
   for (; x0 + NX <= xend; x0 += NX) {
     V a0[NC], a1[NC];
     for (int c = 0; c < NC; ++c) a0[c] = a1[c] = V{};
+    const int64_t fx = fl.offset(x0), fj = fl.tap;
     for (int64_t n = 0; n < nrows; ++n) {
       const SourceRow& r = rows[n];
       const T* xv = X + r.x + x0;
       for (int c = 0; c < NC; ++c) __builtin_prefetch(xv + c * xplane + PF / sizeof(T), 0, 3);
-      const T* F0 = F + (r.f0 >= 0 ? r.f0 : 0) + x0;
-      const T* F1 = F + (r.f1 >= 0 ? r.f1 : 0) + x0;
+      const T* F0 = F + (r.f0 >= 0 ? r.f0 : 0) + fx;
+      const T* F1 = F + (r.f1 >= 0 ? r.f1 : 0) + fx;
       if (r.f0 >= 0 && r.f1 >= 0)
         pair_step<T, NC, NX, true, true>(a0, a1, F0, F1, xv, k, fj, xj, xplane);
       else if (r.f0 >= 0)
@@ -116,13 +133,13 @@ inline int64_t pair_tiles(const T* __restrict F, const T* __restrict X, const So
 // `bias`: null, or NC values added to the channels' results.
 template <typename T, int NC>
 inline void pair_row(const T* F, const T* X, const SourceRow* rows, int64_t nrows, int64_t k,
-                     int64_t fj, int64_t xj, int64_t xplane, T* out, int64_t oplane, int64_t orow,
+                     const FilterLayout& fl, int64_t xj, int64_t xplane, T* out, int64_t oplane, int64_t orow,
                      bool two, int64_t width, const T* bias) {
-  int64_t x0 = pair_tiles<T, NC, XT>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, 0, width, bias);
-  if (XT > 8) x0 = pair_tiles<T, NC, (XT > 8 ? XT / 2 : 1)>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width, bias);
-  if (XT > 16) x0 = pair_tiles<T, NC, (XT > 16 ? XT / 4 : 1)>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width, bias);
-  x0 = pair_tiles<T, NC, 4>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width, bias);
-  pair_tiles<T, NC, 1>(F, X, rows, nrows, k, fj, xj, xplane, out, oplane, orow, two, x0, width, bias);
+  int64_t x0 = pair_tiles<T, NC, XT>(F, X, rows, nrows, k, fl, xj, xplane, out, oplane, orow, two, 0, width, bias);
+  if (XT > 8) x0 = pair_tiles<T, NC, (XT > 8 ? XT / 2 : 1)>(F, X, rows, nrows, k, fl, xj, xplane, out, oplane, orow, two, x0, width, bias);
+  if (XT > 16) x0 = pair_tiles<T, NC, (XT > 16 ? XT / 4 : 1)>(F, X, rows, nrows, k, fl, xj, xplane, out, oplane, orow, two, x0, width, bias);
+  x0 = pair_tiles<T, NC, 4>(F, X, rows, nrows, k, fl, xj, xplane, out, oplane, orow, two, x0, width, bias);
+  pair_tiles<T, NC, 1>(F, X, rows, nrows, k, fl, xj, xplane, out, oplane, orow, two, x0, width, bias);
 }
 
 // `nc` channels of a pair (channel c at X + c * xplane, out + c * oplane): tiles of NC channels,
@@ -130,16 +147,16 @@ inline void pair_row(const T* F, const T* X, const SourceRow* rows, int64_t nrow
 // tile to keep the 2 x NC accumulators in registers.
 template <typename T>
 inline void pair_channels(int64_t nc, const T* F, const T* X, const SourceRow* rows, int64_t nrows,
-                          int64_t k, int64_t fj, int64_t xj, int64_t xplane, T* out,
+                          int64_t k, const FilterLayout& fl, int64_t xj, int64_t xplane, T* out,
                           int64_t oplane, int64_t orow, bool two, int64_t width,
                           const T* bias = nullptr) {
   constexpr int NC = sizeof(T) > 4 ? CB / 2 : CB;
   int64_t c = 0;
   for (; c + NC <= nc; c += NC)
-    pair_row<T, NC>(F, X + c * xplane, rows, nrows, k, fj, xj, xplane, out + c * oplane, oplane, orow, two, width,
+    pair_row<T, NC>(F, X + c * xplane, rows, nrows, k, fl, xj, xplane, out + c * oplane, oplane, orow, two, width,
                     bias ? bias + c : nullptr);
   for (; c < nc; ++c)
-    pair_row<T, 1>(F, X + c * xplane, rows, nrows, k, fj, xj, xplane, out + c * oplane, oplane, orow, two, width,
+    pair_row<T, 1>(F, X + c * xplane, rows, nrows, k, fl, xj, xplane, out + c * oplane, oplane, orow, two, width,
                    bias ? bias + c : nullptr);
 }
 
@@ -160,10 +177,36 @@ inline void transpose_rows(const T* filters, const ConvShape& s, int64_t b, int6
   }
 }
 
+// filters[b][y][x][t] for x in [xs, xs + width) -> ft[(x - xs) / XT][q][t][(x - xs) % XT] (fl:
+// tap = XT, block = XT) for `rows` consecutive output rows starting at (b, y); row q's taps start
+// q * k * k * XT into a block.
+template <typename T>
+inline void block_rows(const T* filters, const ConvShape& s, int64_t b, int64_t y, int64_t rows,
+                       int64_t xs, int64_t width, T* ft, const FilterLayout& fl) {
+  const int64_t kk = s.kk();
+  for (int64_t q = 0; q < rows; ++q) {
+    const T* src = filters + filter_offset(s, b, y + q, xs, 0);
+    for (int64_t x0 = 0; x0 < width; x0 += XT) {
+      const int64_t x1 = x0 + XT < width ? x0 + XT : width;
+      T* dst = ft + (x0 / XT) * fl.block_stride + q * kk * XT;
+      for (int64_t t = 0; t < kk; ++t)
+        for (int64_t xx = x0; xx < x1; ++xx) dst[t * XT + xx - x0] = src[xx * kk + t];
+    }
+  }
+}
+
 // The first 64-byte aligned address in `raw` (allocate 64 / sizeof(T) extra elements).
 template <typename T>
 inline T* align64(T* raw) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t(63));
+}
+
+// Pairs of output rows per band of the forward: as many as keep the band's filters for one
+// column strip (laid out as block_rows does) within about 1 MiB of L2, at most 16.
+inline int64_t forward_band(const ConvShape& s, int64_t elem_bytes) {
+  const int64_t pair_bytes = 2 * s.kk() * num_blocks(forward_strip_width(s), XT) * XT * elem_bytes;
+  const int64_t p = (int64_t(1) << 20) / (pair_bytes > 0 ? pair_bytes : 1);
+  return p < 1 ? 1 : (p > 16 ? 16 : p);
 }
 
 template <typename T>
@@ -171,36 +214,61 @@ void forward(const T* x, const T* filters, T* out, const OutLayout<T>& o, const 
              int64_t begin, int64_t end) {
   // out[c][y + q][x] = sum_{i, j} ft[q][i * k + j][x] * x[c][y + q + i][x + j]: source row r
   // (input row y + r) is tap row r of output row y and tap row r - 1 of output row y + 1.
+  //
+  // Items run over bands of P pairs, column strips (forward_strip_width), and within a band and
+  // strip over channel blocks, the pairs of a block fastest: consecutive items read the same
+  // channels' input rows 2 rows apart, so 6 of a pair's k + 1 = 8 input rows are still in L2
+  // from the pair before (pairs taken one at a time over all channels re-read every input row
+  // 4 times from L3 or memory). The band's filters for the strip are laid out once per thread
+  // and stay in L2 for all its channel blocks; the strips keep both bounded at any width.
   const int64_t k = s.k, kk = s.kk(), H = s.H, W = s.W, Hp = s.Hp(), Wp = s.Wp();
   const int64_t nblocks = num_blocks(s.C, CB), npairs = num_blocks(H, 2);
+  const int64_t P = forward_band(s, sizeof(T)), sw = forward_strip_width(s), nstrips = forward_strips(s);
   SourceRow rows[16];  // k + 1 <= 16
-  // The current pair's filters, transposed to [row][tap][x] so a tap's pixels are contiguous,
-  // with rows padded to whole 64-byte lines so that full-width tiles load aligned vectors.
-  // Consecutive items share a pair (channel blocks run fastest), so each thread transposes a
-  // pair once per range of items.
-  const int64_t Wa = num_blocks(W, 64 / sizeof(T)) * (64 / sizeof(T));
-  T* ft_raw = new T[2 * kk * Wa + 64 / sizeof(T)];
+  // Each pair's filters for a strip in blocks of XT pixels, [x / XT][q][tap][x % XT]: a
+  // full-width tile reads its 2 k^2 filter vectors from one contiguous, 64-byte aligned run of
+  // memory (one stream for the prefetchers, instead of 2 k^2 rows).
+  const FilterLayout fl{XT, XT, 2 * kk * XT};
+  const int64_t pair_elems = num_blocks(sw, XT) * fl.block_stride;
+  T* ft_raw = new T[P * pair_elems + 64 / sizeof(T)];
   T* ft = align64(ft_raw);
-  int64_t cached = -1;
+  const int64_t per_batch = npairs * nstrips * nblocks;
+  int64_t cached = -1;  // the (batch, band, strip) whose filters ft holds
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t cb = item % nblocks, pair = item / nblocks;
-    const int64_t y = 2 * (pair % npairs), b = pair / npairs;
+    const int64_t b = item / per_batch, idx = item % per_batch;
+    const int64_t band = idx / (P * nstrips * nblocks), in_band = idx % (P * nstrips * nblocks);
+    const int64_t first = band * P, np = npairs - first < P ? npairs - first : P;
+    const int64_t strip = in_band / (np * nblocks), rem = in_band % (np * nblocks);
+    const int64_t cb = rem / np, p = rem % np, y = 2 * (first + p);
+    const int64_t xs = strip * sw, width = W - xs < sw ? W - xs : sw;
     const bool two = y + 1 < H;
-    if (pair != cached) {
-      transpose_rows(filters, s, b, y, two ? 2 : 1, ft, Wa);
-      cached = pair;
+    const int64_t key = (b * npairs + first) * nstrips + strip;
+    if (key != cached) {
+      for (int64_t q = 0; q < np; ++q) {
+        const int64_t yq = 2 * (first + q);
+        block_rows(filters, s, b, yq, yq + 1 < H ? 2 : 1, xs, width, ft + q * pair_elems, fl);
+      }
+      cached = key;
     }
     int64_t nrows = 0;
     for (int64_t r = 0; r <= k; ++r) {
-      const int64_t f0 = r < k ? r * k * Wa : -1, f1 = two && r >= 1 ? (kk + (r - 1) * k) * Wa : -1;
+      const int64_t f0 = r < k ? r * k * XT : -1, f1 = two && r >= 1 ? (kk + (r - 1) * k) * XT : -1;
       if (f0 >= 0 || f1 >= 0) rows[nrows++] = SourceRow{r * Wp, f0, f1};
     }
     const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
-    pair_channels<T>(nc, ft, x + input_offset(s, b, c0, y, 0), rows, nrows, k, Wa, 1, Hp * Wp,
-                     out + b * o.batch + c0 * o.plane + y * W, o.plane, W, two, W,
+    pair_channels<T>(nc, ft + p * pair_elems, x + input_offset(s, b, c0, y, xs), rows, nrows, k, fl, 1,
+                     Hp * Wp, out + b * o.batch + c0 * o.plane + y * W + xs, o.plane, W, two, width,
                      o.bias ? o.bias + c0 : nullptr);
   }
   delete[] ft_raw;
+}
+
+// Pairs of gi rows per band of grad_input: as many as keep the band's 2P + k - 1 padded filter
+// rows (k * k * (W + 2k - 2) values each) within about 1 MiB of L2, at most 16.
+inline int64_t grad_input_band(const ConvShape& s, int64_t elem_bytes) {
+  const int64_t row_bytes = s.kk() * (s.W + 2 * (s.k - 1)) * elem_bytes;
+  const int64_t p = ((int64_t(1) << 20) / (row_bytes > 0 ? row_bytes : 1) - (s.k - 1)) / 2;
+  return p < 1 ? 1 : (p > 16 ? 16 : p);
 }
 
 template <typename T>
@@ -210,41 +278,54 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
   // tap row Y - p. The kernel reads zero-padded copies, so every tap of every column reads
   // valid memory and the tiles need no bounds checks:
   //  - filter rows p, transposed to [tap][x] and padded by k - 1 zero columns on both sides, in
-  //    a ring of k + 1 rows per thread (slot p % (k + 1)); moving to the next pair of gi rows
-  //    brings in two new rows;
-  //  - the item's grad_out rows, padded the same way, (k + 1) x CB rows per item.
+  //    a ring of 2P + k - 1 rows per thread (slot p % slots): all the rows of a band of P pairs;
+  //  - the grad_out rows of a channel block, padded the same way, in a ring of k + 1 rows of CB
+  //    channels (slot p % (k + 1)).
+  // Items run over bands of P pairs and within a band over channel blocks, the pairs of a block
+  // fastest (as in forward): the next item needs 2 new grad_out rows instead of k + 1, and its
+  // other rows are still in L1 / L2; the band's filter rows are transposed once per thread.
   const int64_t k = s.k, kk = s.kk(), H = s.H, W = s.W, Hp = s.Hp(), Wp = s.Wp();
-  const int64_t Wg = W + 2 * (k - 1), nslots = k + 1;
+  const int64_t Wg = W + 2 * (k - 1), gslots = k + 1;
   const int64_t nblocks = num_blocks(s.C, CB), npairs = num_blocks(Hp, 2);
-  T* fring = new T[nslots * kk * Wg]();
-  T* grows = new T[nslots * CB * Wg]();
-  int64_t tag[16];  // filter row (b * H + p) held by each slot, -1: none
-  for (int64_t n = 0; n < nslots; ++n) tag[n] = -1;
+  const int64_t P = grad_input_band(s, sizeof(T)), fslots = 2 * P + k - 1;
+  const FilterLayout unblocked{Wg - 1, INT64_MAX, 0};  // taps of a row at X - j: Wg - 1 apart
+  T* fring = new T[fslots * kk * Wg]();
+  T* grows = new T[gslots * CB * Wg]();
+  int64_t* ftag = new int64_t[fslots];  // filter row (b * H + p) held by each slot, -1: none
+  int64_t gtag[16];                     // grad_out row ((b * nblocks + cb) * H + p) per slot
+  for (int64_t n = 0; n < fslots; ++n) ftag[n] = -1;
+  for (int64_t n = 0; n < gslots; ++n) gtag[n] = -1;
   SourceRow rows[16];
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t cb = item % nblocks, pair = item / nblocks;
-    const int64_t Y = 2 * (pair % npairs), b = pair / npairs;
+    const int64_t b = item / (npairs * nblocks), idx = item % (npairs * nblocks);
+    const int64_t band = idx / (P * nblocks), rem = idx % (P * nblocks);
+    const int64_t first = band * P, np = npairs - first < P ? npairs - first : P;
+    const int64_t cb = rem / np, Y = 2 * (first + rem % np);
     const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
     const bool two = Y + 1 < Hp;
     int64_t nrows = 0;
     for (int64_t p = Y - k + 1; p <= Y + 1; ++p) {
       if (p < 0 || p >= H) continue;
-      const int64_t i0 = Y - p, i1 = Y + 1 - p, slot = p % nslots;
-      if (tag[slot] != b * H + p) {
+      const int64_t i0 = Y - p, i1 = Y + 1 - p, slot = p % fslots, gs = p % gslots;
+      const bool f0 = i0 >= 0, f1 = two && i1 < k;
+      if (!f0 && !f1) continue;
+      if (ftag[slot] != b * H + p) {
         transpose_rows(filters, s, b, p, 1, fring + slot * kk * Wg + (k - 1), Wg);
-        tag[slot] = b * H + p;
+        ftag[slot] = b * H + p;
       }
-      T* gdst = grows + nrows * CB * Wg + (k - 1);
-      for (int64_t c = 0; c < nc; ++c)
-        __builtin_memcpy(gdst + c * Wg, g + output_offset(s, b, c0 + c, p, 0), W * sizeof(T));
+      if (gtag[gs] != (b * nblocks + cb) * H + p) {
+        T* gdst = grows + gs * CB * Wg + (k - 1);
+        for (int64_t c = 0; c < nc; ++c)
+          __builtin_memcpy(gdst + c * Wg, g + output_offset(s, b, c0 + c, p, 0), W * sizeof(T));
+        gtag[gs] = (b * nblocks + cb) * H + p;
+      }
       const int64_t f = slot * kk * Wg + k - 1;
-      rows[nrows] = SourceRow{nrows * CB * Wg + k - 1, i0 >= 0 ? f + i0 * k * Wg : -1,
-                              two && i1 < k ? f + i1 * k * Wg : -1};
-      if (rows[nrows].f0 >= 0 || rows[nrows].f1 >= 0) ++nrows;
+      rows[nrows++] = SourceRow{gs * CB * Wg + k - 1, f0 ? f + i0 * k * Wg : -1, f1 ? f + i1 * k * Wg : -1};
     }
-    pair_channels<T>(nc, fring, grows, rows, nrows, k, Wg - 1, -1, Wg,
+    pair_channels<T>(nc, fring, grows, rows, nrows, k, unblocked, -1, Wg,
                      gi + input_offset(s, b, c0, Y, 0), Hp * Wp, Wp, two, Wp);
   }
+  delete[] ftag;
   delete[] grows;
   delete[] fring;
 }
