@@ -274,3 +274,21 @@ def test_cuda_matches_cpu_reference(dtype, tol):
         torch.testing.assert_close(got.cpu().double(), ref, atol=tol * (1 + ref.abs().max().item()), rtol=tol)
     xg, fg = x.cuda().requires_grad_(), f.cuda().requires_grad_()
     assert torch.autograd.gradcheck(adaptive_conv, (xg[:, :3, :9, :9].detach().requires_grad_(), fg[:, :3, :3].detach().requires_grad_()))
+
+
+def test_empty_output_shape_dtype_and_fallbacks():
+    like = torch.zeros(2, dtype=torch.float64)
+    t = ops.empty_output(like, (3, 5, 4096))          # large enough for 2 MB pages to be asked for
+    assert t.shape == (3, 5, 4096) and t.dtype == torch.float64 and t.device.type == "cpu"
+    t.fill_(1.5)
+    assert t.sum().item() == 1.5 * 3 * 5 * 4096
+    assert ops.empty_output(like, [2, 3], dtype=torch.bfloat16).dtype == torch.bfloat16
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(like)
+        out = ops.empty_output(fake, (4, 4), dtype=torch.float16)
+    assert out.shape == (4, 4) and out.dtype == torch.float16
+    from torch._subclasses.fake_tensor import is_fake
+    assert is_fake(out)
+    compiled = torch.compile(lambda x: ops.empty_output(x, (2, 3)).fill_(2.0) + x.sum(), fullgraph=True)
+    torch.testing.assert_close(compiled(torch.ones(3)), torch.full((2, 3), 5.0))

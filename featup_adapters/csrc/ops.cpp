@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "cpu/large_alloc.h"
 
 extern "C" {
 // `import featup_adapters._C` loads this library, which runs the registrations below.
@@ -21,6 +22,12 @@ namespace featup_adapters {
 
 static std::string cpu_isa() { return cpu::best_kernels().name; }
 
+// An uninitialized CPU tensor whose pages Linux is asked to back with 2 MB pages before they are
+// first touched (large_alloc.h), for results written in full by a kernel.
+static at::Tensor empty_large_cpu(at::IntArrayRef size, at::ScalarType dtype) {
+  return empty_large(size, at::TensorOptions().dtype(dtype));
+}
+
 TORCH_LIBRARY(featup_adapters, m) {
   m.set_python_module("featup_adapters.ops._registration");
   m.def("adaptive_conv(Tensor input, Tensor filters) -> Tensor");
@@ -29,6 +36,7 @@ TORCH_LIBRARY(featup_adapters, m) {
   m.def("adaptive_conv_grad_input(Tensor grad_out, Tensor filters) -> Tensor");
   m.def("adaptive_conv_grad_filters(Tensor grad_out, Tensor input) -> Tensor");
   m.def("_cpu_isa() -> str", &cpu_isa);
+  m.def("_empty_large(int[] size, ScalarType dtype) -> Tensor", &empty_large_cpu);
   // bicubic resize (align_corners=False) to size, then reflect padding by pad (cpu/resize_cpu.cpp)
   m.def("bicubic_pad(Tensor input, int[2] size, int pad) -> Tensor");
   m.def("bicubic_pad_backward(Tensor grad_out, int[2] input_size, int pad) -> Tensor");

@@ -29,7 +29,7 @@ from .resize import bicubic_pad, bicubic_pad_reference
 from .reference import (adaptive_conv_grad_filters_reference, adaptive_conv_grad_input_reference,
                         adaptive_conv_reference, copy_with_bias)
 
-__all__ = ["adaptive_conv", "adaptive_conv_into", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
+__all__ = ["adaptive_conv", "adaptive_conv_into", "empty_output", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
            "extension_loaded", "has_kernel", "adaptive_conv_grad_input_reference",
            "adaptive_conv_grad_filters_reference", "bicubic_pad", "bicubic_pad_reference"]
 
@@ -55,6 +55,25 @@ def adaptive_conv(input: Tensor, filters: Tensor) -> Tensor:
         return torch.ops.featup_adapters.adaptive_conv(input, filters)
     warn_fallback(input.device.type)
     return adaptive_conv_reference(input, filters)
+
+
+def empty_output(like: Tensor, shape, *, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialized ``Tensor[shape]`` on ``like``'s device (``like``'s dtype unless ``dtype``)
+    for a result that a kernel writes in full, e.g. :func:`adaptive_conv_into`'s ``out``.
+
+    On CPU with the compiled extension, Linux is asked to back its pages with 2 MB pages before
+    they are first touched, as the ops' own results are: torch hands out fresh memory for every
+    large tensor, and first-touch faults on 4 KB pages cost a 77 MB result (C=384 at 224x224)
+    about as much time as the convolution that writes it.  Elsewhere (CUDA, fake tensors,
+    ``torch.compile`` traces, no extension) it is ``like.new_empty(shape, dtype=dtype)``.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    dtype = like.dtype if dtype is None else dtype
+    if (like.device.type == "cpu" and extension_loaded() and not torch.compiler.is_compiling()
+            and not is_fake(like)):
+        return torch.ops.featup_adapters._empty_large([int(n) for n in shape], dtype)
+    return like.new_empty(tuple(shape), dtype=dtype)
 
 
 def adaptive_conv_into(input: Tensor, filters: Tensor, out: Tensor, bias: Tensor | None = None) -> Tensor:

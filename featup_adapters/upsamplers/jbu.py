@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import adaptive_conv, adaptive_conv_into
+from ..ops import adaptive_conv, adaptive_conv_into, empty_output
 import warnings
 
 from . import _tiling
@@ -105,7 +105,7 @@ def jbu(source: Tensor, guidance: Tensor, *, range_temp: Tensor | float, range_p
     if torch.is_grad_enabled() and (hr_pad.requires_grad or filters.requires_grad
                                     or bias.requires_grad):
         return adaptive_conv(hr_pad, filters).add_(bias.view(1, -1, 1, 1))
-    out = hr_pad.new_empty((B, source.shape[1], H, W))
+    out = empty_output(hr_pad, (B, source.shape[1], H, W))
     return adaptive_conv_into(hr_pad, filters, out, bias)
 
 
@@ -370,8 +370,7 @@ class JBUStack(UpsamplerMixin, nn.Module):
         if tile:
             sizes = [s for _, s in plan]
             guides = [_pooled(guidance, s) for s in sizes]
-            out = torch.empty((source.shape[0], source.shape[1], H, W), dtype=out_dtype,
-                              device=source.device)
+            out = empty_output(source, (source.shape[0], source.shape[1], H, W), dtype=out_dtype)
             return _tiling.tiled_forward(
                 [getattr(self, n) for n, _ in plan], x, guides, sizes, radius=self.radius,
                 band_rows=est.band_rows(budget, H), out=out,
