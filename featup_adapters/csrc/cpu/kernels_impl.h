@@ -50,6 +50,17 @@ constexpr int64_t PF = FA_PF_BYTES;
 #define FA_VEC_BYTES 16  // the widest vector register of the target ISA
 #endif
 
+// A vector loaded once that feeds two FMAs (ON): without this GCC folds the load into each FMA
+// as a memory operand and reads the (usually line-splitting) vector twice. Only for vectors
+// that fit one register of the target ISA.
+template <bool ON, typename V>
+inline void keep_in_register(V& v) {
+#if defined(__x86_64__)
+  if constexpr (ON && sizeof(V) >= 16 && sizeof(V) <= FA_VEC_BYTES) __asm__("" : "+x"(v));
+#endif
+  (void)v;
+}
+
 // One source row of a pair: its offset in X and its filter rows for output rows 0 and 1
 // (-1: the source row does not feed that output row).
 struct SourceRow { int64_t x, f0, f1; };
@@ -80,11 +91,7 @@ inline void pair_step(typename Vec<T, NX>::type (&a0)[NC], typename Vec<T, NX>::
     }
     for (int c = 0; c < NC; ++c) {
       V xx = vload<T, NX>(xv + c * xplane);
-      // One load feeding both rows: without this GCC folds the load into each FMA and reads
-      // the (usually line-splitting) vector twice.
-#if defined(__x86_64__)
-      if constexpr (USE0 && USE1 && sizeof(V) >= 16 && sizeof(V) <= FA_VEC_BYTES) __asm__("" : "+x"(xx));
-#endif
+      keep_in_register<USE0 && USE1>(xx);
       if (USE0) a0[c] += f0 * xx;
       if (USE1) a1[c] += f1 * xx;
     }
@@ -263,10 +270,29 @@ void forward(const T* x, const T* filters, T* out, const OutLayout<T>& o, const 
   delete[] ft_raw;
 }
 
-// Pairs of gi rows per band of grad_input: as many as keep the band's 2P + k - 1 padded filter
-// rows (k * k * (W + 2k - 2) values each) within about 1 MiB of L2, at most 16.
+// filters[b][p][X - j][i * k + j] -> ft[X / XT][i * k + j][X % XT] for gi columns X in [0, Wp)
+// (zero where X - j is outside [0, W)): one grad_out row p's filters, shifted per tap so that a
+// tile of gi columns reads all its k * k filter vectors at the same x, from one block.
+template <typename T>
+inline void shifted_blocks(const T* filters, const ConvShape& s, int64_t b, int64_t p, T* ft) {
+  const int64_t k = s.k, kk = s.kk(), W = s.W, Wp = s.Wp();
+  const T* src = filters + filter_offset(s, b, p, 0, 0);
+  for (int64_t X0 = 0; X0 < Wp; X0 += XT) {
+    T* dst = ft + (X0 / XT) * kk * XT;
+    for (int64_t t = 0; t < kk; ++t) {
+      const int64_t j = t % k;
+      for (int64_t X = X0; X < X0 + XT; ++X) {
+        const int64_t x = X - j;
+        dst[t * XT + X - X0] = X < Wp && x >= 0 && x < W ? src[x * kk + t] : T(0);
+      }
+    }
+  }
+}
+
+// Pairs of gi rows per band of grad_input: as many as keep the band's 2P + k - 1 filter rows
+// (k * k * Wp values each, as shifted_blocks lays them out) within about 1 MiB of L2, at most 16.
 inline int64_t grad_input_band(const ConvShape& s, int64_t elem_bytes) {
-  const int64_t row_bytes = s.kk() * (s.W + 2 * (s.k - 1)) * elem_bytes;
+  const int64_t row_bytes = s.kk() * num_blocks(s.Wp(), XT) * XT * elem_bytes;
   const int64_t p = ((int64_t(1) << 20) / (row_bytes > 0 ? row_bytes : 1) - (s.k - 1)) / 2;
   return p < 1 ? 1 : (p > 16 ? 16 : p);
 }
@@ -277,19 +303,21 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
   // with 0 <= Y - p < k and 0 <= X - j < W: source row p (grad_out row p) feeds gi row Y with
   // tap row Y - p. The kernel reads zero-padded copies, so every tap of every column reads
   // valid memory and the tiles need no bounds checks:
-  //  - filter rows p, transposed to [tap][x] and padded by k - 1 zero columns on both sides, in
-  //    a ring of 2P + k - 1 rows per thread (slot p % slots): all the rows of a band of P pairs;
-  //  - the grad_out rows of a channel block, padded the same way, in a ring of k + 1 rows of CB
-  //    channels (slot p % (k + 1)).
+  //  - filter rows p, laid out by shifted_blocks, in a ring of 2P + k - 1 rows per thread
+  //    (slot p % slots): all the rows of a band of P pairs;
+  //  - the grad_out rows of a channel block, padded by k - 1 zero columns on both sides, in a
+  //    ring of k + 1 rows of CB channels (slot p % (k + 1)).
   // Items run over bands of P pairs and within a band over channel blocks, the pairs of a block
   // fastest (as in forward): the next item needs 2 new grad_out rows instead of k + 1, and its
-  // other rows are still in L1 / L2; the band's filter rows are transposed once per thread.
+  // other rows are still in L1 / L2; the band's filter rows are laid out once per thread.
   const int64_t k = s.k, kk = s.kk(), H = s.H, W = s.W, Hp = s.Hp(), Wp = s.Wp();
   const int64_t Wg = W + 2 * (k - 1), gslots = k + 1;
   const int64_t nblocks = num_blocks(s.C, CB), npairs = num_blocks(Hp, 2);
   const int64_t P = grad_input_band(s, sizeof(T)), fslots = 2 * P + k - 1;
-  const FilterLayout unblocked{Wg - 1, INT64_MAX, 0};  // taps of a row at X - j: Wg - 1 apart
-  T* fring = new T[fslots * kk * Wg]();
+  const FilterLayout fl{XT, XT, kk * XT};
+  const int64_t row_elems = num_blocks(Wp, XT) * kk * XT;
+  T* fring_raw = new T[fslots * row_elems + 64 / sizeof(T)];
+  T* fring = align64(fring_raw);
   T* grows = new T[gslots * CB * Wg]();
   int64_t* ftag = new int64_t[fslots];  // filter row (b * H + p) held by each slot, -1: none
   int64_t gtag[16];                     // grad_out row ((b * nblocks + cb) * H + p) per slot
@@ -310,7 +338,7 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
       const bool f0 = i0 >= 0, f1 = two && i1 < k;
       if (!f0 && !f1) continue;
       if (ftag[slot] != b * H + p) {
-        transpose_rows(filters, s, b, p, 1, fring + slot * kk * Wg + (k - 1), Wg);
+        shifted_blocks(filters, s, b, p, fring + slot * row_elems);
         ftag[slot] = b * H + p;
       }
       if (gtag[gs] != (b * nblocks + cb) * H + p) {
@@ -319,15 +347,15 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
           __builtin_memcpy(gdst + c * Wg, g + output_offset(s, b, c0 + c, p, 0), W * sizeof(T));
         gtag[gs] = (b * nblocks + cb) * H + p;
       }
-      const int64_t f = slot * kk * Wg + k - 1;
-      rows[nrows++] = SourceRow{gs * CB * Wg + k - 1, f0 ? f + i0 * k * Wg : -1, f1 ? f + i1 * k * Wg : -1};
+      const int64_t f = slot * row_elems;
+      rows[nrows++] = SourceRow{gs * CB * Wg + k - 1, f0 ? f + i0 * k * XT : -1, f1 ? f + i1 * k * XT : -1};
     }
-    pair_channels<T>(nc, fring, grows, rows, nrows, k, unblocked, -1, Wg,
+    pair_channels<T>(nc, fring, grows, rows, nrows, k, fl, -1, Wg,
                      gi + input_offset(s, b, c0, Y, 0), Hp * Wp, Wp, two, Wp);
   }
   delete[] ftag;
   delete[] grows;
-  delete[] fring;
+  delete[] fring_raw;
 }
 
 // ---- grad_filters: per-pixel tap sums over channels, two output rows per tile ----
@@ -365,7 +393,8 @@ inline int64_t tap_tiles(const T* __restrict G, int64_t gplane, int64_t grow, co
         __builtin_prefetch(gv + grow + PF / sizeof(T), 0, 3);
       }
       for (int t = 0; t < NT; ++t) {
-        const V xx = vload<T, NX>(xv + t);
+        V xx = vload<T, NX>(xv + t);
+        keep_in_register<USE0 && USE1>(xx);
         if (USE0) a0[t] += g0 * xx;
         if (USE1) a1[t] += g1 * xx;
       }
