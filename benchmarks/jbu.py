@@ -20,9 +20,9 @@ source at 1/16 of the output) reports:
 Then forward+backward (training mode, dropout off, gradients for every parameter and the source)
 at 224 and 448 over the inference forward timed in the same process, one call of each in turn
 (so a change in the machine's load hits both sides of the ratio): the ratio of the medians, and of
-the fastest call of each (the least disturbed by other jobs), and FeatUp's unfold formulation (below) at 224 for the ratio;
-the parent checks the two implementations agree.  Every case runs in its own child process, so
-its peak memory is its own.  Targets (issue 11): conv-FLOP rate >= 35% of matmul at every size;
+the fastest call of each (the least disturbed by other jobs), and FeatUp's unfold formulation
+(below) at 224 for the ratio; the parent checks the two implementations agree.  Every case runs
+in its own child process, so its peak memory is its own.  Targets (issue 11): conv-FLOP rate >= 35% of matmul at every size;
 ms/MP at 2048 <= 1.25x that at 224; peak extra <= 1.5x the output at 448 and above; first call
 <= 1.5x warm; forward+backward <= 3x forward; >= 10x faster than unfold.
 """
@@ -175,8 +175,9 @@ def child(impl: str, mode: str, C: int, H: int, device: str, repeats: int, out_p
     if out_path:
         torch.save(out.detach().float().cpu(), out_path)
     warm = times[1:] or times
-    extra = ({"fwd_warm_s": statistics.median(fwd_times[1:] or fwd_times),
-              "fwd_min_s": min(fwd_times[1:] or fwd_times)} if backward else {})
+    fwd_warm = fwd_times[1:] or fwd_times
+    extra = ({"fwd_warm_s": statistics.median(fwd_warm), "fwd_min_s": min(fwd_warm)}
+             if backward else {})
     return {"impl": impl, "mode": mode, "C": C, "H": H, "first_s": times[0],
             "warm_s": statistics.median(warm), "min_s": min(warm), **extra,
             "conv_flops": conv_flops(stack, C, h, H), "matmul_gflops": mm,

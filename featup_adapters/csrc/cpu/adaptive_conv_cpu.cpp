@@ -1,5 +1,5 @@
 // CPU implementations of the adaptive-convolution ops: layout preparation with ATen, then the
-// ISA-specific kernels (kernels_impl.h) over rows handed to threads by at::parallel_for.
+// ISA-specific kernels (kernels_impl.h) over rows handed to threads by parallel_for_flushed.
 // float16 / bfloat16 are computed in float32 and rounded once at the end. Subnormal values are
 // read and written as zero while the kernels run (denormals.h).
 #include <ATen/ATen.h>
@@ -48,11 +48,9 @@ void run_forward(const at::Tensor& input, const at::Tensor& filters, at::Tensor&
     scalar_t* op = out.data_ptr<scalar_t>();
     const cpu::OutLayout<scalar_t> o{B > 1 ? out.stride(0) : 0, out.stride(1),
                                      bias.defined() ? bias.data_ptr<scalar_t>() : nullptr};
-    at::parallel_for(0, cpu::forward_items(isa, s), grain(2 * isa.channel_block * cpu::forward_strip_width(s) * k * k),
-                     [&](int64_t b0, int64_t b1) {
-                       cpu::FlushDenormals ftz;
-                       ks.forward(xp, fp, op, o, s, b0, b1);
-                     });
+    cpu::parallel_for_flushed(0, cpu::forward_items(isa, s),
+                              grain(2 * isa.channel_block * cpu::forward_strip_width(s) * k * k),
+                              [&](int64_t b0, int64_t b1) { ks.forward(xp, fp, op, o, s, b0, b1); });
   });
 }
 
@@ -119,11 +117,8 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& filters)
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* fp = f.data_ptr<scalar_t>();
     scalar_t* gip = gi.data_ptr<scalar_t>();
-    at::parallel_for(0, cpu::grad_input_items(isa, s), grain(2 * isa.channel_block * Wp * k * k),
-                     [&](int64_t b0, int64_t b1) {
-                       cpu::FlushDenormals ftz;
-                       ks.grad_input(gp, fp, gip, s, b0, b1);
-                     });
+    cpu::parallel_for_flushed(0, cpu::grad_input_items(isa, s), grain(2 * isa.channel_block * Wp * k * k),
+                              [&](int64_t b0, int64_t b1) { ks.grad_input(gp, fp, gip, s, b0, b1); });
   });
   return gi.to(dtype);
 }
@@ -144,11 +139,8 @@ at::Tensor grad_filters_cpu(const at::Tensor& grad_out, const at::Tensor& input)
       const scalar_t* gp = g.data_ptr<scalar_t>();
       const scalar_t* xp = x.data_ptr<scalar_t>();
       scalar_t* op = gf.data_ptr<scalar_t>();
-      at::parallel_for(0, cpu::grad_filters_items(s), grain(2 * std::max<int64_t>(C, 1) * W * k * k),
-                       [&](int64_t b0, int64_t b1) {
-                         cpu::FlushDenormals ftz;
-                         ks.grad_filters(gp, xp, op, s, b0, b1);
-                       });
+      cpu::parallel_for_flushed(0, cpu::grad_filters_items(s), grain(2 * std::max<int64_t>(C, 1) * W * k * k),
+                                [&](int64_t b0, int64_t b1) { ks.grad_filters(gp, xp, op, s, b0, b1); });
     });
   }
   return gf.to(dtype);

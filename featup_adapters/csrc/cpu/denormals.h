@@ -8,10 +8,16 @@
 // (subnormal inputs read as zero) in MXCSR, as oneDNN and most inference runtimes do, removes the
 // penalty; no value above 1.2e-38 (float32) or 2.2e-308 (float64) changes.
 //
-// MXCSR is per thread: construct the guard inside each parallel_for body. The caller's (and each
-// worker thread's) previous mode is restored when the guard goes out of scope, so the mode of
-// PyTorch's own kernels is never changed. On other architectures the guard does nothing.
+// MXCSR is per thread, so the guard must sit inside each parallel_for body: every CPU kernel of
+// ours runs its ranges through parallel_for_flushed below, which does that. The caller's (and
+// each worker thread's) previous mode is restored when the guard goes out of scope, so the mode
+// of PyTorch's own kernels is never changed. On other architectures the guard does nothing.
 #pragma once
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <utility>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <xmmintrin.h>
@@ -41,6 +47,16 @@ class FlushDenormals {
   static constexpr unsigned kFtz = 0x8000, kDaz = 0x0040;
   unsigned saved_ = 0;
 };
+
+// at::parallel_for(begin, end, grain, f) with subnormals flushed on whichever thread runs each
+// range of f.
+template <typename F>
+inline void parallel_for_flushed(int64_t begin, int64_t end, int64_t grain, F&& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t b0, int64_t b1) {
+    FlushDenormals ftz;
+    f(b0, b1);
+  });
+}
 
 }  // namespace cpu
 }  // namespace featup_adapters

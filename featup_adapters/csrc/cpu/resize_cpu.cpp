@@ -208,8 +208,7 @@ void forward_kernel(const T* x, O* out, int64_t planes, int64_t h, int64_t w, co
   const int64_t Hp = th.n, Wp = tw.n;
   const ColPlan<T> cols = col_plan(tw, w, W);
   const int64_t chunk = rows_per_item(planes, Hp), nchunks = (Hp + chunk - 1) / chunk;
-  at::parallel_for(0, planes * nchunks, 1, [&](int64_t begin, int64_t end) {
-    cpu::FlushDenormals ftz;
+  cpu::parallel_for_flushed(0, planes * nchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> ring(kRing * Wp), row(std::is_same<T, O>::value ? 0 : Wp);
     int64_t tag[kRing];
     std::fill(tag, tag + kRing, -1);
@@ -322,8 +321,7 @@ void backward_kernel(const T* g, T* gi, int64_t planes, int64_t h, int64_t w, in
   const auto& ks = resize_kernels<T>();
   const AdjointCols<T> cols = adjoint_cols(aw, w, Wp);
   const int64_t chunk = rows_per_item(planes, h), nchunks = (h + chunk - 1) / chunk;
-  at::parallel_for(0, planes * nchunks, 1, [&](int64_t begin, int64_t end) {
-    cpu::FlushDenormals ftz;
+  cpu::parallel_for_flushed(0, planes * nchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(Wp + 1, T(0)), phases(std::max<int64_t>(cols.p * cols.M, 1));
     std::vector<const T*> rows(std::max<int64_t>(ah.max_count, 1)), taps(std::max<int64_t>(cols.L, 1));
     for (int64_t l = 0; l < cols.L; ++l)  // tap l of the run: phase l % p, shifted by l / p
