@@ -22,9 +22,10 @@ at 224 and 448 over the inference forward timed in the same process, one call of
 (so a change in the machine's load hits both sides of the ratio): the ratio of the medians, and of
 the fastest call of each (the least disturbed by other jobs), and FeatUp's unfold formulation
 (below) at 224 for the ratio; the parent checks the two implementations agree.  Every case runs
-in its own child process, so its peak memory is its own.  Targets (issue 11): conv-FLOP rate >= 35% of matmul at every size;
-ms/MP at 2048 <= 1.25x that at 224; peak extra <= 1.5x the output at 448 and above; first call
-<= 1.5x warm; forward+backward <= 3x forward; >= 10x faster than unfold.
+in its own child process, so its peak memory is its own.  Targets (issue 11): conv-FLOP rate
+>= 35% of matmul at every size; ms/MP at 2048 <= 1.25x that at 224; peak extra <= 1.5x the
+output at 448 and above; first call <= 1.5x warm; forward+backward <= 3x forward; >= 10x faster
+than unfold.
 """
 from __future__ import annotations
 
