@@ -32,7 +32,7 @@ from torch import nn
 
 import featup_adapters
 from featup_adapters.data import as_dataset
-from featup_adapters.training.evaluate import multiview_error
+from featup_adapters.training.evaluate import multiview_error, target_spread, view_error, view_target
 from featup_adapters.training.jitter import sample_jitter
 from featup_adapters.training.trainer import _normalize
 from featup_adapters.upsamplers import make_upsampler
@@ -76,43 +76,29 @@ def _fit_targets(neck, x, d, fit_views, seed):
         src = neck.features(x).float()
         g = torch.Generator().manual_seed(seed)
         views = [sample_jitter((H, W), 20 // d, 2.0, generator=g) for _ in range(fit_views)]
-        targets = [neck.features(t.scaled(d)(x)).float() for t in views]
-    den = sum(float((t - t.mean(dim=(0, 2, 3), keepdim=True)).square().sum()) for t in targets)
+        targets = [view_target(neck, x, t, d) for t in views]
+    den = sum(float(target_spread(t)) for t in targets)
     return src, views, targets, den
 
 
 def _views_loss(hr, views, targets, k):
-    loss = 0.0
-    for t, target in zip(views, targets):
-        v = t(hr)
-        h, w = target.shape[-2:]
-        if tuple(v.shape[-2:]) != (h * k, w * k):
-            v = F.interpolate(v, size=(h * k, w * k), mode="bilinear", align_corners=False)
-        loss = loss + (F.avg_pool2d(v, k) - target).square().sum()
-    return loss
+    """The evaluation's own per-view error (``view_error``), summed over the fit's views."""
+    return sum(view_error(hr, t, target, k) for t, target in zip(views, targets))
 
 
 def fit_upsampler(neck, x, d, fit_views, steps, lr, seed, params="all"):
     """Fit a copy of ``neck.upsampler`` to one photo's views; returns (its map, fit-error curve,
     the fitted copy).
 
-    The same fit as ``fit_map``, but the map is constrained to what the upsampler's architecture
-    can produce from ``F(x)`` and the image: how low THIS architecture gets when it may specialize
-    to the photo (a per-image bound for a feed-forward upsampler of that design).
+    ``fit_upsampler_shared`` with the one photo: the same fit as ``fit_map``, but the map is
+    constrained to what the upsampler's architecture can produce from ``F(x)`` and the image:
+    how low THIS architecture gets when it may specialize to the photo (a per-image bound for a
+    feed-forward upsampler of that design).
     """
-    k = int(neck.stride) // d
+    up, curve = fit_upsampler_shared(neck, [x], d, fit_views, steps, lr, [seed], params)
     H, W = x.shape[-2] // d, x.shape[-1] // d
-    src, views, targets, den = _fit_targets(neck, x, d, fit_views, seed)
-    up, opt = _trainable_copy(neck.upsampler, params, lr)
-    curve = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = _views_loss(up(src, x, output_size=(H, W)), views, targets, k)
-        (loss / den).backward()
-        curve.append(float(loss.detach()) / den)
-        opt.step()
     with torch.no_grad():
-        hr = up.eval()(src, x, output_size=(H, W)).float()
+        hr = up(neck.features(x).float(), x, output_size=(H, W)).float()
     return hr[0], curve, up
 
 
