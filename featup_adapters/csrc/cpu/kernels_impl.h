@@ -99,14 +99,16 @@ inline void pair_step(typename Vec<T, NX>::type (&a0)[NC], typename Vec<T, NX>::
 }
 
 // Pixels [x0, xend) in tiles of NX for NC channels; out row 1 lies `orow` after row 0 and is
-// stored only if `two`. Returns the first x0 not done.
-template <typename T, int NC, int NX>
+// stored only if `two`. Returns the first x0 not done. PARTIAL: also the last, partial tile,
+// computed in full (its filter and source vectors must be readable past xend: padded buffers)
+// and stored up to xend.
+template <typename T, int NC, int NX, bool PARTIAL = false>
 inline int64_t pair_tiles(const T* __restrict F, const T* __restrict X, const SourceRow* rows,
                           int64_t nrows, int64_t k, const FilterLayout& fl, int64_t xj, int64_t xplane,
                           T* __restrict out, int64_t oplane, int64_t orow, bool two, int64_t x0,
                           int64_t xend, const T* bias) {
   typedef typename Vec<T, NX>::type V;
-  for (; x0 + NX <= xend; x0 += NX) {
+  for (; PARTIAL ? x0 < xend : x0 + NX <= xend; x0 += NX) {
     V a0[NC], a1[NC];
     for (int c = 0; c < NC; ++c) a0[c] = a1[c] = V{};
     const int64_t fx = fl.offset(x0), fj = fl.tap;
@@ -128,6 +130,14 @@ inline int64_t pair_tiles(const T* __restrict F, const T* __restrict X, const So
         a0[c] += bias[c];
         a1[c] += bias[c];
       }
+    if (PARTIAL && x0 + NX > xend) {
+      const int64_t bytes = (xend - x0) * sizeof(T);
+      for (int c = 0; c < NC; ++c) {
+        __builtin_memcpy(out + c * oplane + x0, &a0[c], bytes);
+        if (two) __builtin_memcpy(out + c * oplane + orow + x0, &a1[c], bytes);
+      }
+      continue;
+    }
     for (int c = 0; c < NC; ++c) {
       vstore<T, NX>(out + c * oplane + x0, a0[c]);
       if (two) vstore<T, NX>(out + c * oplane + orow + x0, a1[c]);
@@ -136,12 +146,17 @@ inline int64_t pair_tiles(const T* __restrict F, const T* __restrict X, const So
   return x0;
 }
 
-// Whole rows [0, width) for NC channels: wide tiles first, then narrower ones for the tail.
-// `bias`: null, or NC values added to the channels' results.
-template <typename T, int NC>
+// Whole rows [0, width) for NC channels: wide tiles first, then narrower ones for the tail
+// (PADDED: the tail as one partial wide tile; see pair_tiles). `bias`: null, or NC values added
+// to the channels' results.
+template <typename T, int NC, bool PADDED>
 inline void pair_row(const T* F, const T* X, const SourceRow* rows, int64_t nrows, int64_t k,
                      const FilterLayout& fl, int64_t xj, int64_t xplane, T* out, int64_t oplane, int64_t orow,
                      bool two, int64_t width, const T* bias) {
+  if (PADDED) {
+    pair_tiles<T, NC, XT, true>(F, X, rows, nrows, k, fl, xj, xplane, out, oplane, orow, two, 0, width, bias);
+    return;
+  }
   int64_t x0 = pair_tiles<T, NC, XT>(F, X, rows, nrows, k, fl, xj, xplane, out, oplane, orow, two, 0, width, bias);
   if (XT > 8) x0 = pair_tiles<T, NC, (XT > 8 ? XT / 2 : 1)>(F, X, rows, nrows, k, fl, xj, xplane, out, oplane, orow, two, x0, width, bias);
   if (XT > 16) x0 = pair_tiles<T, NC, (XT > 16 ? XT / 4 : 1)>(F, X, rows, nrows, k, fl, xj, xplane, out, oplane, orow, two, x0, width, bias);
@@ -151,8 +166,8 @@ inline void pair_row(const T* F, const T* X, const SourceRow* rows, int64_t nrow
 
 // `nc` channels of a pair (channel c at X + c * xplane, out + c * oplane): tiles of NC channels,
 // then single channels. double vectors are twice as wide, so they get half the channels per
-// tile to keep the 2 x NC accumulators in registers.
-template <typename T>
+// tile to keep the 2 x NC accumulators in registers. PADDED: see pair_row.
+template <typename T, bool PADDED = false>
 inline void pair_channels(int64_t nc, const T* F, const T* X, const SourceRow* rows, int64_t nrows,
                           int64_t k, const FilterLayout& fl, int64_t xj, int64_t xplane, T* out,
                           int64_t oplane, int64_t orow, bool two, int64_t width,
@@ -160,10 +175,10 @@ inline void pair_channels(int64_t nc, const T* F, const T* X, const SourceRow* r
   constexpr int NC = sizeof(T) > 4 ? CB / 2 : CB;
   int64_t c = 0;
   for (; c + NC <= nc; c += NC)
-    pair_row<T, NC>(F, X + c * xplane, rows, nrows, k, fl, xj, xplane, out + c * oplane, oplane, orow, two, width,
+    pair_row<T, NC, PADDED>(F, X + c * xplane, rows, nrows, k, fl, xj, xplane, out + c * oplane, oplane, orow, two, width,
                     bias ? bias + c : nullptr);
   for (; c < nc; ++c)
-    pair_row<T, 1>(F, X + c * xplane, rows, nrows, k, fl, xj, xplane, out + c * oplane, oplane, orow, two, width,
+    pair_row<T, 1, PADDED>(F, X + c * xplane, rows, nrows, k, fl, xj, xplane, out + c * oplane, oplane, orow, two, width,
                    bias ? bias + c : nullptr);
 }
 
@@ -305,13 +320,16 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
   // valid memory and the tiles need no bounds checks:
   //  - filter rows p, laid out by shifted_blocks, in a ring of 2P + k - 1 rows per thread
   //    (slot p % slots): all the rows of a band of P pairs;
-  //  - the grad_out rows of a channel block, padded by k - 1 zero columns on both sides, in a
-  //    ring of k + 1 rows of CB channels (slot p % (k + 1)).
+  //  - the grad_out rows of a channel block, padded by k - 1 zero columns on the left and to a
+  //    whole number of tiles plus k - 1 on the right, in a ring of k + 1 rows of CB channels
+  //    (slot p % (k + 1)).
+  // Both are padded past the last gi column to whole tiles, so a row's last, partial tile runs
+  // as one full-width tile (pair_row's PADDED) instead of narrower and scalar ones.
   // Items run over bands of P pairs and within a band over channel blocks, the pairs of a block
   // fastest (as in forward): the next item needs 2 new grad_out rows instead of k + 1, and its
   // other rows are still in L1 / L2; the band's filter rows are laid out once per thread.
   const int64_t k = s.k, kk = s.kk(), H = s.H, W = s.W, Hp = s.Hp(), Wp = s.Wp();
-  const int64_t Wg = W + 2 * (k - 1), gslots = k + 1;
+  const int64_t Wg = num_blocks(Wp, XT) * XT + k - 1, gslots = k + 1;
   const int64_t nblocks = num_blocks(s.C, CB), npairs = num_blocks(Hp, 2);
   const int64_t P = grad_input_band(s, sizeof(T)), fslots = 2 * P + k - 1;
   const FilterLayout fl{XT, XT, kk * XT};
@@ -350,7 +368,7 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
       const int64_t f = slot * row_elems;
       rows[nrows++] = SourceRow{gs * CB * Wg + k - 1, f0 ? f + i0 * k * XT : -1, f1 ? f + i1 * k * XT : -1};
     }
-    pair_channels<T>(nc, fring, grows, rows, nrows, k, fl, -1, Wg,
+    pair_channels<T, true>(nc, fring, grows, rows, nrows, k, fl, -1, Wg,
                      gi + input_offset(s, b, c0, Y, 0), Hp * Wp, Wp, two, Wp);
   }
   delete[] ftag;
