@@ -241,3 +241,18 @@ def test_cli_downsampler_dropout_reaches_the_trainer(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         p.parse_args(["train", "--out", "o", "--downsampler-dropout", "1"])
     assert "expected a probability in [0, 1), got '1'" in capsys.readouterr().err
+
+
+def test_take_columns_equals_index_select_for_any_index_vector():
+    from featup_adapters.training.jitter import _take_columns
+
+    x = torch.randn(2, 3, 4, 11, dtype=torch.float64, requires_grad=True)
+    cases = [[3, 2, 1, 0, 1, 2, 3, 4, 5, 6, 7], [10, 9, 8, 7], [4, 5, 6, 7, 8, 9, 10, 9, 8],
+             [5], [0, 2, 4, 6, 8, 10], [1, 1, 2, 3], [7, 3, 9, 0, 2, 2]]   # last 3: other gathers
+    for idx in cases:
+        idx = torch.tensor(idx)
+        y, ref = _take_columns(x, idx), x.index_select(-1, idx)
+        assert torch.equal(y, ref)
+        g = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0],
+                                   rtol=0, atol=1e-12)
