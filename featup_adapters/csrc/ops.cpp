@@ -42,13 +42,17 @@ TORCH_LIBRARY(featup_adapters, m) {
   m.def("bicubic_pad_backward(Tensor grad_out, int[2] input_size, int pad) -> Tensor");
   // rows [row0, row1) of bicubic_pad's output from a band of source rows (inference only)
   m.def("bicubic_pad_rows(Tensor input, int[2] size, int pad, int src_rows, int src_row0, int row0, int row1) -> Tensor");
+  // adaptive_conv(bicubic_pad(source, size, pad), filters) (+ bias[c]) without the padded map
+  // (cpu/resize_conv_cpu.cpp; inference only)
+  m.def("bicubic_pad_conv(Tensor source, Tensor filters, int[2] size, int pad, Tensor? bias) -> Tensor");
 }
 
-// adaptive_conv_into writes in place and has no derivative: autograd refuses it when a gradient
-// would be needed ("... is not implemented"), and otherwise passes it through (bumping out's
-// version counter, as any in-place op).
+// adaptive_conv_into and bicubic_pad_conv have no derivative: autograd refuses them when a
+// gradient would be needed ("... is not implemented"), and otherwise passes them through
+// (adaptive_conv_into bumping out's version counter, as any in-place op).
 TORCH_LIBRARY_IMPL(featup_adapters, Autograd, m) {
   m.impl("adaptive_conv_into", torch::autograd::autogradNotImplementedFallback());
+  m.impl("bicubic_pad_conv", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace featup_adapters

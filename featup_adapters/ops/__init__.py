@@ -19,19 +19,22 @@ as the reference.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from . import _registration  # noqa: F401  (fake kernels + autograd for the C++ ops)
 from ._checks import check_adaptive_conv_args
 from ._loader import NATIVE, BackendChoice, backend, cpu_isa, extension_loaded, has_kernel, warn_fallback
-from .resize import bicubic_pad, bicubic_pad_reference
+from .resize import bicubic_pad, bicubic_pad_conv_available, bicubic_pad_reference, check_bicubic_pad_args
 from .reference import (adaptive_conv_grad_filters_reference, adaptive_conv_grad_input_reference,
                         adaptive_conv_reference, copy_with_bias)
 
 __all__ = ["adaptive_conv", "adaptive_conv_into", "empty_output", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
            "extension_loaded", "has_kernel", "adaptive_conv_grad_input_reference",
-           "adaptive_conv_grad_filters_reference", "bicubic_pad", "bicubic_pad_reference"]
+           "adaptive_conv_grad_filters_reference", "bicubic_pad", "bicubic_pad_conv", "bicubic_pad_conv_available",
+           "bicubic_pad_reference"]
 
 
 def adaptive_conv(input: Tensor, filters: Tensor) -> Tensor:
@@ -113,3 +116,25 @@ def adaptive_conv_into(input: Tensor, filters: Tensor, out: Tensor, bias: Tensor
     warn_fallback(input.device.type)
     copy_with_bias(out, adaptive_conv_reference(input, filters), bias)
     return out
+
+
+def bicubic_pad_conv(x: Tensor, filters: Tensor, size: Sequence[int], r: int,
+                     bias: Tensor | None = None) -> Tensor:
+    """``adaptive_conv(bicubic_pad(x, size, r), filters) + bias.view(1, C, 1, 1)`` for inference,
+    in one op that never makes the padded map: on CPU the output is computed in bands of rows,
+    each band's padded rows resized into a per-thread buffer and convolved from there
+    (``csrc/cpu/resize_conv_cpu.cpp``).  Equal to the two ops up to float rounding.  Not
+    differentiable (autograd refuses it where a gradient is needed); where
+    :func:`bicubic_pad_conv_available` is False, the two ops are called.
+
+    Args:
+        x: ``Tensor[B, C, h, w]``.
+        filters: ``Tensor[B, H, W, k, k]`` with ``k = 2r + 1``, the dtype and device of ``x``.
+        size: ``(H, W)``; r: the padding (reflect, replicate when ``min(H, W) <= r``).
+        bias: ``Tensor[C]`` or None.
+    """
+    H, W = check_bicubic_pad_args(x, size, r)
+    if bicubic_pad_conv_available(x):
+        return torch.ops.featup_adapters.bicubic_pad_conv(x, filters, [H, W], r, bias)
+    out = adaptive_conv(bicubic_pad(x, (H, W), r), filters)
+    return out if bias is None else out.add_(bias.to(out.dtype).view(1, -1, 1, 1))

@@ -149,6 +149,17 @@ def _register_resize() -> None:
 
     torch.library.register_autograd(lib + "bicubic_pad_rows", _backward_rows, setup_context=_setup_rows)
 
+    @torch.library.register_fake(lib + "bicubic_pad_conv")
+    def _fake_pad_conv(source, filters, size, pad, bias):
+        torch._check(source.dim() == 4, lambda: f"bicubic_pad_conv: expected a 4-D source, got {source.dim()}-D")
+        return source.new_empty((source.shape[0], source.shape[1], size[0], size[1]))
+
+    def _cuda_pad_conv(source, filters, size, pad, bias):   # the two ops, each a CUDA kernel
+        out = ops.adaptive_conv(ops.bicubic_pad(source, size, pad), filters)
+        return out if bias is None else out.add_(bias.to(out.dtype).view(1, -1, 1, 1))
+
+    torch.library.register_kernel(lib + "bicubic_pad_conv", "cuda", _cuda_pad_conv)
+
 
 if extension_loaded():
     _register()

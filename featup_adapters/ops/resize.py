@@ -23,8 +23,8 @@ from torch import Tensor
 from ._checks import SUPPORTED_DTYPES, _shape
 from ._loader import extension_loaded
 
-__all__ = ["bicubic_pad", "bicubic_pad_reference", "bicubic_pad_rows", "bicubic_pad_rows_reference",
-           "pad_mode", "pad2d"]
+__all__ = ["bicubic_pad", "bicubic_pad_conv_available", "bicubic_pad_reference",
+           "bicubic_pad_rows", "bicubic_pad_rows_reference", "pad_mode", "pad2d"]
 
 _OP_DEVICES = ("cpu", "cuda")  # the op's kernels: compiled on CPU, torch's own on CUDA
 
@@ -96,6 +96,16 @@ def bicubic_pad(x: Tensor, size: Sequence[int], r: int) -> Tensor:
     if x.device.type in _OP_DEVICES and extension_loaded():
         return torch.ops.featup_adapters.bicubic_pad(x, [H, W], r)
     return bicubic_pad_reference(x, (H, W), r)
+
+
+# ----------------------------------------------------------------- resize + pad + convolution
+def bicubic_pad_conv_available(x: Tensor) -> bool:
+    """True where :func:`bicubic_pad_conv` runs the fused kernel: a float32/float64 CPU tensor
+    with the compiled extension (the op has no CUDA kernel and no derivative); the op itself is
+    ``featup_adapters.ops.bicubic_pad_conv``."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+                "featup_adapters::bicubic_pad_conv", "CPU"))
 
 
 # ------------------------------------------------------------------------------ rows of a band

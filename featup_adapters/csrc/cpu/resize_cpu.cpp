@@ -27,131 +27,12 @@
 #include "denormals.h"
 #include "kernels.h"
 #include "large_alloc.h"
+#include "resize_taps.h"
 
 namespace featup_adapters {
 namespace {
 
-constexpr int64_t kTaps = 4;
-constexpr int64_t kRing = 8;
-
-bool use_reflect(int64_t H, int64_t W, int64_t r) { return std::min(H, W) > r; }
-
-// Padded position P in [0, n + 2r) -> output position in [0, n).
-int64_t unpad(int64_t P, int64_t n, int64_t r, bool reflect) {
-  int64_t o = P - r;
-  if (reflect) {
-    if (o < 0) o = -o;
-    if (o >= n) o = 2 * (n - 1) - o;
-    return o;
-  }
-  return std::min(std::max<int64_t>(o, 0), n - 1);
-}
-
-// Forward taps of one axis: idx / w are [4][n + 2r].
-template <typename T>
-struct Taps {
-  int64_t n;  // padded output size
-  std::vector<int32_t> idx;
-  std::vector<T> w;
-};
-
-template <typename T>
-Taps<T> forward_taps(int64_t n_in, int64_t n_out, int64_t r, bool reflect) {
-  const int64_t n = n_out + 2 * r;
-  Taps<T> t{n, std::vector<int32_t>(kTaps * n), std::vector<T>(kTaps * n)};
-  const T scale = at::native::area_pixel_compute_scale<T>(n_in, n_out, false, std::nullopt);
-  for (int64_t P = 0; P < n; ++P) {
-    const int64_t o = unpad(P, n_out, r, reflect);
-    const T real = at::native::area_pixel_compute_source_index<T>(scale, o, false, /*cubic=*/true);
-    int64_t i;
-    T lambda;
-    at::native::guard_index_and_lambda(real, n_in, i, lambda);
-    T c[4];
-    at::native::get_cubic_upsample_coefficients<T>(c, lambda);
-    for (int64_t k = 0; k < kTaps; ++k) {
-      t.idx[k * n + P] = static_cast<int32_t>(std::min(std::max<int64_t>(i - 1 + k, 0), n_in - 1));
-      t.w[k * n + P] = c[k];
-    }
-  }
-  return t;
-}
-
-// The columns of one resized row: a periodic interior run (integer factor p = n_out / n_in,
-// consecutive taps, the weights of position P + p those of P, the taps one source column on) done
-// by periodic_cols, and the rest (borders, reflected padding) by gather_cols from own tables.
-template <typename T>
-struct ColPlan {
-  Taps<T> head, tail;      // positions [0, start) and [start + periods * p, n)
-  int64_t start = 0, periods = 0, p = 0;
-  std::vector<int32_t> base;  // [p]
-  std::vector<T> w;           // [p][4]
-};
-
-template <typename T>
-Taps<T> sub_taps(const Taps<T>& t, int64_t a, int64_t b) {
-  const int64_t n = b - a;
-  Taps<T> s{n, std::vector<int32_t>(kTaps * n), std::vector<T>(kTaps * n)};
-  for (int64_t k = 0; k < kTaps; ++k)
-    for (int64_t P = 0; P < n; ++P) {
-      s.idx[k * n + P] = t.idx[k * t.n + a + P];
-      s.w[k * n + P] = t.w[k * t.n + a + P];
-    }
-  return s;
-}
-
-template <typename T>
-ColPlan<T> col_plan(const Taps<T>& t, int64_t n_in, int64_t n_out) {
-  ColPlan<T> c;
-  const int64_t n = t.n, p = n_out % n_in == 0 ? n_out / n_in : 0;
-  auto consecutive = [&](int64_t P) {
-    for (int64_t k = 1; k < kTaps; ++k)
-      if (t.idx[k * n + P] != t.idx[P] + k) return false;
-    return true;
-  };
-  auto periodic = [&](int64_t P) {  // P and P + p: one period apart
-    if (P + p >= n || !consecutive(P) || !consecutive(P + p) || t.idx[P + p] != t.idx[P] + 1) return false;
-    for (int64_t k = 0; k < kTaps; ++k)
-      if (t.w[k * n + P + p] != t.w[k * n + P]) return false;
-    return true;
-  };
-  int64_t best_a = 0, best_len = 0;
-  if (p >= 1 && p <= 16) {
-    for (int64_t P = 0; P < n;) {
-      if (!periodic(P)) { ++P; continue; }
-      int64_t e = P;
-      while (e < n && periodic(e)) ++e;
-      if (e + p - P > best_len) { best_a = P; best_len = e + p - P; }  // [P, e + p) is periodic
-      P = e;
-    }
-  }
-  c.p = p;
-  c.periods = p > 0 ? best_len / p : 0;
-  if (c.periods < 2) {  // nothing worth a fast path: all positions gathered
-    c.periods = 0;
-    c.head = t;
-    c.tail = Taps<T>{0, {}, {}};
-    return c;
-  }
-  c.start = best_a;
-  c.head = sub_taps(t, 0, best_a);
-  c.tail = sub_taps(t, best_a + c.periods * p, n);
-  c.base.resize(p);
-  c.w.resize(p * kTaps);
-  for (int64_t q = 0; q < p; ++q) {
-    c.base[q] = t.idx[best_a + q];
-    for (int64_t k = 0; k < kTaps; ++k) c.w[q * kTaps + k] = t.w[k * n + best_a + q];
-  }
-  return c;
-}
-
-template <typename T>
-void resize_row(const cpu::ResizeKernels<T>& ks, T* dst, const T* src, const ColPlan<T>& c) {
-  if (c.head.n > 0) ks.gather_cols(dst, src, c.head.idx.data(), c.head.w.data(), kTaps, c.head.n);
-  if (c.periods == 0) return;
-  ks.periodic_cols(dst + c.start, src, c.base.data(), c.w.data(), c.p, c.periods);
-  if (c.tail.n > 0)
-    ks.gather_cols(dst + c.start + c.periods * c.p, src, c.tail.idx.data(), c.tail.w.data(), kTaps, c.tail.n);
-}
+using namespace resize_taps;
 
 // The transpose of forward taps: for each source position s, the padded positions that read it
 // with their summed weights (duplicate taps of a clamped border merged).
@@ -185,11 +66,6 @@ Adjoint<T> adjoint_taps(const Taps<T>& f, int64_t n_in) {
   }
   return a;
 }
-
-template <typename T>
-const cpu::ResizeKernels<T>& resize_kernels();
-template <> const cpu::ResizeKernels<float>& resize_kernels<float>() { return cpu::best_kernels().resize_f32; }
-template <> const cpu::ResizeKernels<double>& resize_kernels<double>() { return cpu::best_kernels().resize_f64; }
 
 // Rows per work item: whole planes when there are enough of them, else planes split in chunks
 // so every thread gets work (each chunk re-resizes at most 3 source rows of its neighbour).
@@ -347,15 +223,6 @@ void backward_kernel(const T* g, T* gi, int64_t planes, int64_t h, int64_t w, in
       }
     }
   });
-}
-
-void check_sizes(const char* op, int64_t h, int64_t w, int64_t H, int64_t W, int64_t r) {
-  TORCH_CHECK(h >= 1 && w >= 1, op, ": expected a source of at least 1x1 pixels, got ", h, "x", w);
-  TORCH_CHECK(H >= 1 && W >= 1, op, ": expected an output size of at least 1x1, got ", H, "x", W);
-  TORCH_CHECK(r >= 0, op, ": expected a padding r >= 0, got ", r);
-  TORCH_CHECK(h < (int64_t(1) << 31) && w < (int64_t(1) << 31) && H + 2 * r < (int64_t(1) << 31) &&
-                  W + 2 * r < (int64_t(1) << 31),
-              op, ": sides must be below 2^31 pixels");
 }
 
 template <typename T, typename O>
