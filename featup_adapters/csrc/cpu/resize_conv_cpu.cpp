@@ -46,7 +46,7 @@ template <typename T>
 void run(const T* x, const T* filters, T* out, const T* bias, int64_t B, int64_t C, int64_t h,
          int64_t w, int64_t H, int64_t W, int64_t r) {
   const bool reflect = use_reflect(H, W, r);
-  const int64_t k = 2 * r + 1, kk = k * k, Hp = H + 2 * r, Wp = W + 2 * r;
+  const int64_t k = 2 * r + 1, kk = k * k, Wp = W + 2 * r;
   const auto th = forward_taps<T>(h, H, r, reflect), tw = forward_taps<T>(w, W, r, reflect);
   const ColPlan<T> cols = col_plan(tw, w, W);
   const auto& rk = resize_kernels<T>();
@@ -59,26 +59,15 @@ void run(const T* x, const T* filters, T* out, const T* bias, int64_t B, int64_t
     at::Tensor buf_t = empty_large({C * (rows + 2 * r) * Wp}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     T* buf = buf_t.data_ptr<T>();
     int64_t tag[kRing];
+    std::fill(tag, tag + kRing, -1);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / nbands, y0 = (item % nbands) * rows;
       const int64_t n = std::min(rows, H - y0), R = n + 2 * r;
       for (int64_t c = 0; c < C; ++c) {  // padded rows [y0, y0 + R) of plane (b, c)
-        std::fill(tag, tag + kRing, -1);
-        const T* src = x + (b * C + c) * h * w;
-        for (int64_t P = y0; P < y0 + R; ++P) {
-          const T* taps[kTaps];
-          T wts[kTaps];
-          for (int64_t t = 0; t < kTaps; ++t) {
-            const int64_t i = th.idx[t * Hp + P], slot = i % kRing;
-            if (tag[slot] != i) {
-              resize_row(rk, ring.get() + slot * Wp, src + i * w, cols);
-              tag[slot] = i;
-            }
-            taps[t] = ring.get() + slot * Wp;
-            wts[t] = th.w[t * Hp + P];
-          }
-          rk.combine_rows(buf + (c * R + P - y0) * Wp, taps, wts, kTaps, Wp);
-        }
+        const int64_t plane = b * C + c;
+        for (int64_t P = y0; P < y0 + R; ++P)
+          padded_row(rk, ring.get(), tag, x + plane * h * w, plane * h, w, P, th, cols, Wp,
+                     buf + (c * R + P - y0) * Wp);
       }
       const ConvShape s{1, C, n, W, k};  // the band: input [C][R][Wp], rows y0 .. y0 + n - 1
       const cpu::OutLayout<T> o{0, H * W, bias};

@@ -94,21 +94,10 @@ void forward_kernel(const T* x, O* out, int64_t planes, int64_t h, int64_t w, co
       const T* src = x + plane * plane_stride;
       O* dst = out + plane * Hp * Wp;
       for (int64_t P = P0; P < P1; ++P) {
-        const T* rows[kTaps];
-        T wts[kTaps];
-        for (int64_t k = 0; k < kTaps; ++k) {
-          const int64_t i = th.idx[k * Hp + P], slot = i % kRing, key = plane * h + i;
-          if (tag[slot] != key) {
-            resize_row(ks, ring.data() + slot * Wp, src + i * w, cols);
-            tag[slot] = key;
-          }
-          rows[k] = ring.data() + slot * Wp;
-          wts[k] = th.w[k * Hp + P];
-        }
         if constexpr (std::is_same<T, O>::value) {
-          ks.combine_rows(dst + P * Wp, rows, wts, kTaps, Wp);
+          padded_row(ks, ring.data(), tag, src, plane * h, w, P, th, cols, Wp, dst + P * Wp);
         } else {
-          ks.combine_rows(row.data(), rows, wts, kTaps, Wp);
+          padded_row(ks, ring.data(), tag, src, plane * h, w, P, th, cols, Wp, row.data());
           O* o = dst + P * Wp;
           for (int64_t q = 0; q < Wp; ++q) o[q] = static_cast<O>(row[q]);
         }

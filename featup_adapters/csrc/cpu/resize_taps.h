@@ -138,6 +138,27 @@ void resize_row(const cpu::ResizeKernels<T>& ks, T* dst, const T* src, const Col
     ks.gather_cols(dst + c.start + c.periods * c.p, src, c.tail.idx.data(), c.tail.w.data(), kTaps, c.tail.n);
 }
 
+// Padded output row P of one plane (source `src`, rows w apart) into dst[Wp]: the source rows of
+// its 4 taps are resized along x into `ring` (kRing rows of Wp; slot = row % kRing, `tag` the
+// key0 + row each slot holds, -1 for none) unless already there, then combined.
+template <typename T>
+inline void padded_row(const cpu::ResizeKernels<T>& ks, T* ring, int64_t* tag, const T* src, int64_t key0,
+                       int64_t w, int64_t P, const Taps<T>& th, const ColPlan<T>& cols, int64_t Wp, T* dst) {
+  const int64_t Hp = th.n;
+  const T* rows[kTaps];
+  T wts[kTaps];
+  for (int64_t k = 0; k < kTaps; ++k) {
+    const int64_t i = th.idx[k * Hp + P], slot = i % kRing;
+    if (tag[slot] != key0 + i) {
+      resize_row(ks, ring + slot * Wp, src + i * w, cols);
+      tag[slot] = key0 + i;
+    }
+    rows[k] = ring + slot * Wp;
+    wts[k] = th.w[k * Hp + P];
+  }
+  ks.combine_rows(dst, rows, wts, kTaps, Wp);
+}
+
 template <typename T>
 const cpu::ResizeKernels<T>& resize_kernels();
 template <> inline const cpu::ResizeKernels<float>& resize_kernels<float>() { return cpu::best_kernels().resize_f32; }
