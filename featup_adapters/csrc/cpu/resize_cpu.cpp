@@ -306,7 +306,7 @@ at::Tensor bicubic_pad_backward_cpu(const at::Tensor& grad_out, at::IntArrayRef 
   const int64_t h = input_size[0], w = input_size[1], H = Hp - 2 * r, W = Wp - 2 * r;
   check_sizes("bicubic_pad_backward", h, w, H, W, r);
   const auto ct = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  auto gi = at::empty({B, C, h, w}, grad_out.options().dtype(ct));
+  auto gi = empty_large({B, C, h, w}, grad_out.options().dtype(ct));
   if (gi.numel() == 0) return gi.to(dtype);
   const bool reflect = use_reflect(H, W, r);
   auto g = grad_out.to(ct).contiguous();
