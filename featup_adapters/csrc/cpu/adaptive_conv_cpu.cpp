@@ -21,11 +21,6 @@ at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-template <typename T>
-const cpu::KernelSet<T>& kernel_set();
-template <> const cpu::KernelSet<float>& kernel_set<float>() { return cpu::best_kernels().f32; }
-template <> const cpu::KernelSet<double>& kernel_set<double>() { return cpu::best_kernels().f64; }
-
 int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
 }
@@ -42,7 +37,7 @@ void run_forward(const at::Tensor& input, const at::Tensor& filters, at::Tensor&
   const ConvShape s{B, C, H, W, k};
   const auto& isa = cpu::best_kernels();
   AT_DISPATCH_FLOATING_TYPES(ct, "adaptive_conv_cpu", [&] {
-    const auto& ks = kernel_set<scalar_t>();
+    const auto& ks = cpu::kernel_set<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* fp = f.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -113,7 +108,7 @@ at::Tensor grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& filters)
   const ConvShape s{B, C, H, W, k};
   const auto& isa = cpu::best_kernels();
   AT_DISPATCH_FLOATING_TYPES(ct, "adaptive_conv_grad_input_cpu", [&] {
-    const auto& ks = kernel_set<scalar_t>();
+    const auto& ks = cpu::kernel_set<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* fp = f.data_ptr<scalar_t>();
     scalar_t* gip = gi.data_ptr<scalar_t>();
@@ -135,7 +130,7 @@ at::Tensor grad_filters_cpu(const at::Tensor& grad_out, const at::Tensor& input)
     auto x = input.to(ct).contiguous();
     const ConvShape s{B, C, H, W, k};
     AT_DISPATCH_FLOATING_TYPES(ct, "adaptive_conv_grad_filters_cpu", [&] {
-      const auto& ks = kernel_set<scalar_t>();
+      const auto& ks = cpu::kernel_set<scalar_t>();
       const scalar_t* gp = g.data_ptr<scalar_t>();
       const scalar_t* xp = x.data_ptr<scalar_t>();
       scalar_t* op = gf.data_ptr<scalar_t>();

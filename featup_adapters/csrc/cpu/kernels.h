@@ -66,6 +66,12 @@ namespace avx512 { const IsaKernels& kernels(); }
 // The best kernel set this CPU supports (chosen once, at first use).
 const IsaKernels& best_kernels();
 
+// The best kernel set's adaptive-convolution kernels for T (float or double).
+template <typename T>
+const KernelSet<T>& kernel_set();
+template <> inline const KernelSet<float>& kernel_set<float>() { return best_kernels().f32; }
+template <> inline const KernelSet<double>& kernel_set<double>() { return best_kernels().f64; }
+
 // Work-item counts of a kernel set for one problem.
 // The forward splits wide rows into column strips of at most about 256 pixels (a multiple of 16,
 // so of every ISA's tile width) so that a band of pairs' filters and input rows stays in L2 at

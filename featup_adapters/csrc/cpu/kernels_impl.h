@@ -65,12 +65,12 @@ inline void keep_in_register(V& v) {
 // (-1: the source row does not feed that output row).
 struct SourceRow { int64_t x, f0, f1; };
 
-// Where the filter of pixel x lies in a filter row: pixels come in blocks of `block`, each block
-// `block_stride` elements after the previous one, and taps lie `tap` apart. A block of a tile's
-// width that holds all its taps back to back makes the tile's filter reads one sequential stream.
+// Where the filter of pixel x lies in a row's filters: pixels in blocks of XT (a full tile's
+// width), each block `block_stride` elements after the previous one and holding its taps XT
+// apart, so a tile's filter reads are one sequential stream.
 struct FilterLayout {
-  int64_t tap, block, block_stride;
-  int64_t offset(int64_t x) const { return (x / block) * block_stride + x % block; }
+  int64_t block_stride;
+  int64_t offset(int64_t x) const { return (x / XT) * block_stride + x % XT; }
 };
 
 // The k taps j of one source row, accumulated into row 0 (USE0) and/or row 1 (USE1).
@@ -111,7 +111,7 @@ inline int64_t pair_tiles(const T* __restrict F, const T* __restrict X, const So
   for (; PARTIAL ? x0 < xend : x0 + NX <= xend; x0 += NX) {
     V a0[NC], a1[NC];
     for (int c = 0; c < NC; ++c) a0[c] = a1[c] = V{};
-    const int64_t fx = fl.offset(x0), fj = fl.tap;
+    const int64_t fx = fl.offset(x0), fj = XT;
     for (int64_t n = 0; n < nrows; ++n) {
       const SourceRow& r = rows[n];
       const T* xv = X + r.x + x0;
@@ -182,26 +182,9 @@ inline void pair_channels(int64_t nc, const T* F, const T* X, const SourceRow* r
                    bias ? bias + c : nullptr);
 }
 
-// filters[b][y][x][t] -> ft[q][t][x] (rows `stride` apart) for `rows` consecutive output rows
-// starting at (b, y).
-template <typename T>
-inline void transpose_rows(const T* filters, const ConvShape& s, int64_t b, int64_t y, int64_t rows,
-                           T* ft, int64_t stride) {
-  const int64_t kk = s.kk(), W = s.W;
-  for (int64_t q = 0; q < rows; ++q) {
-    const T* src = filters + filter_offset(s, b, y + q, 0, 0);
-    T* dst = ft + q * kk * stride;
-    for (int64_t x0 = 0; x0 < W; x0 += 16) {  // 16 pixels at a time: reads stay in a few lines
-      const int64_t x1 = x0 + 16 < W ? x0 + 16 : W;
-      for (int64_t t = 0; t < kk; ++t)
-        for (int64_t xx = x0; xx < x1; ++xx) dst[t * stride + xx] = src[xx * kk + t];
-    }
-  }
-}
-
-// filters[b][y][x][t] for x in [xs, xs + width) -> ft[(x - xs) / XT][q][t][(x - xs) % XT] (fl:
-// tap = XT, block = XT) for `rows` consecutive output rows starting at (b, y); row q's taps start
-// q * k * k * XT into a block.
+// filters[b][y][x][t] for x in [xs, xs + width) -> ft[(x - xs) / XT][q][t][(x - xs) % XT] (as
+// FilterLayout reads it) for `rows` consecutive output rows starting at (b, y); row q's taps
+// start q * k * k * XT into a block.
 template <typename T>
 inline void block_rows(const T* filters, const ConvShape& s, int64_t b, int64_t y, int64_t rows,
                        int64_t xs, int64_t width, T* ft, const FilterLayout& fl) {
@@ -221,6 +204,16 @@ inline void block_rows(const T* filters, const ConvShape& s, int64_t b, int64_t 
 template <typename T>
 inline T* align64(T* raw) {
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t(63));
+}
+
+// An item of a kernel that takes row pairs in bands of P (forward, grad_input): its batch b,
+// its band's first pair and number of pairs np (the last band may be short), and `rest`, its
+// index inside the band, in [0, np * per_pair) for items of `per_pair` per pair.
+struct BandItem { int64_t b, first, np, rest; };
+inline BandItem band_item(int64_t item, int64_t npairs, int64_t P, int64_t per_pair) {
+  const int64_t idx = item % (npairs * per_pair), first = idx / (P * per_pair) * P;
+  return BandItem{item / (npairs * per_pair), first, npairs - first < P ? npairs - first : P,
+                  idx % (P * per_pair)};
 }
 
 // Pairs of output rows per band of the forward: as many as keep the band's filters for one
@@ -250,16 +243,13 @@ void forward(const T* x, const T* filters, T* out, const OutLayout<T>& o, const 
   // Each pair's filters for a strip in blocks of XT pixels, [x / XT][q][tap][x % XT]: a
   // full-width tile reads its 2 k^2 filter vectors from one contiguous, 64-byte aligned run of
   // memory (one stream for the prefetchers, instead of 2 k^2 rows).
-  const FilterLayout fl{XT, XT, 2 * kk * XT};
+  const FilterLayout fl{2 * kk * XT};
   const int64_t pair_elems = num_blocks(sw, XT) * fl.block_stride;
   T* ft_raw = new T[P * pair_elems + 64 / sizeof(T)];
   T* ft = align64(ft_raw);
-  const int64_t per_batch = npairs * nstrips * nblocks;
   int64_t cached = -1;  // the (batch, band, strip) whose filters ft holds
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t b = item / per_batch, idx = item % per_batch;
-    const int64_t band = idx / (P * nstrips * nblocks), in_band = idx % (P * nstrips * nblocks);
-    const int64_t first = band * P, np = npairs - first < P ? npairs - first : P;
+    const auto [b, first, np, in_band] = band_item(item, npairs, P, nstrips * nblocks);
     const int64_t strip = in_band / (np * nblocks), rem = in_band % (np * nblocks);
     const int64_t cb = rem / np, p = rem % np, y = 2 * (first + p);
     const int64_t xs = strip * sw, width = W - xs < sw ? W - xs : sw;
@@ -332,7 +322,7 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
   const int64_t Wg = num_blocks(Wp, XT) * XT + k - 1, gslots = k + 1;
   const int64_t nblocks = num_blocks(s.C, CB), npairs = num_blocks(Hp, 2);
   const int64_t P = grad_input_band(s, sizeof(T)), fslots = 2 * P + k - 1;
-  const FilterLayout fl{XT, XT, kk * XT};
+  const FilterLayout fl{kk * XT};
   const int64_t row_elems = num_blocks(Wp, XT) * kk * XT;
   T* fring_raw = new T[fslots * row_elems + 64 / sizeof(T)];
   T* fring = align64(fring_raw);
@@ -343,9 +333,7 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
   for (int64_t n = 0; n < gslots; ++n) gtag[n] = -1;
   SourceRow rows[16];
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t b = item / (npairs * nblocks), idx = item % (npairs * nblocks);
-    const int64_t band = idx / (P * nblocks), rem = idx % (P * nblocks);
-    const int64_t first = band * P, np = npairs - first < P ? npairs - first : P;
+    const auto [b, first, np, rem] = band_item(item, npairs, P, nblocks);
     const int64_t cb = rem / np, Y = 2 * (first + rem % np);
     const int64_t c0 = cb * CB, nc = (s.C - c0) < CB ? (s.C - c0) : CB;
     const bool two = Y + 1 < Hp;

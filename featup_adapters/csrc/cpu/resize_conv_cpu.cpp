@@ -25,10 +25,6 @@ namespace {
 
 using namespace resize_taps;
 
-template <typename T>
-const cpu::KernelSet<T>& conv_kernels();
-template <> const cpu::KernelSet<float>& conv_kernels<float>() { return cpu::best_kernels().f32; }
-template <> const cpu::KernelSet<double>& conv_kernels<double>() { return cpu::best_kernels().f64; }
 
 // Output rows per band: an even number whose padded rows for all channels take about 16 MiB
 // (the buffer lives in L3, not L2: every channel of a row is needed before the next row), at
@@ -50,7 +46,7 @@ void run(const T* x, const T* filters, T* out, const T* bias, int64_t B, int64_t
   const auto th = forward_taps<T>(h, H, r, reflect), tw = forward_taps<T>(w, W, r, reflect);
   const ColPlan<T> cols = col_plan(tw, w, W);
   const auto& rk = resize_kernels<T>();
-  const auto& ck = conv_kernels<T>();
+  const auto& ck = cpu::kernel_set<T>();
   const auto& isa = cpu::best_kernels();
   const int64_t rows = band_rows(C, H, Wp, r, sizeof(T)), nbands = (H + rows - 1) / rows;
   cpu::parallel_for_flushed(0, B * nbands, 1, [&](int64_t begin, int64_t end) {
