@@ -125,7 +125,8 @@ def bicubic_pad_conv(x: Tensor, filters: Tensor, size: Sequence[int], r: int,
     each band's padded rows resized into a per-thread buffer and convolved from there
     (``csrc/cpu/resize_conv_cpu.cpp``).  Equal to the two ops up to float rounding.  Not
     differentiable (autograd refuses it where a gradient is needed); where
-    :func:`bicubic_pad_conv_available` is False, the two ops are called.
+    :func:`bicubic_pad_conv_available` is False, the two ops are called, the bias added as the
+    convolution stores its result (:func:`adaptive_conv_into`).
 
     Args:
         x: ``Tensor[B, C, h, w]``.
@@ -136,5 +137,8 @@ def bicubic_pad_conv(x: Tensor, filters: Tensor, size: Sequence[int], r: int,
     H, W = check_bicubic_pad_args(x, size, r)
     if bicubic_pad_conv_available(x):
         return torch.ops.featup_adapters.bicubic_pad_conv(x, filters, [H, W], r, bias)
-    out = adaptive_conv(bicubic_pad(x, (H, W), r), filters)
-    return out if bias is None else out.add_(bias.to(out.dtype).view(1, -1, 1, 1))
+    hr_pad = bicubic_pad(x, (H, W), r)
+    if bias is None:
+        return adaptive_conv(hr_pad, filters)
+    out = empty_output(hr_pad, (x.shape[0], x.shape[1], H, W))
+    return adaptive_conv_into(hr_pad, filters, out, bias.to(hr_pad.dtype))

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..ops import bicubic_pad_conv, bicubic_pad_conv_available
+from ..ops import bicubic_pad_conv
 from ..ops.resize import bicubic_pad as _bicubic_pad_op
 from ..ops.resize import pad2d, pad_mode
 
-__all__ = ["bicubic_pad", "bicubic_pad_conv", "bicubic_pad_conv_available", "pad2d", "pad_mode"]
+__all__ = ["bicubic_pad", "bicubic_pad_conv", "pad2d", "pad_mode"]
 
 
 def bicubic_pad(x: Tensor, size: tuple[int, int], r: int) -> Tensor:

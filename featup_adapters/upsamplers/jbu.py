@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import adaptive_conv, adaptive_conv_into, empty_output
+from ..ops import adaptive_conv, empty_output
 import warnings
 
 from . import _tiling
@@ -43,7 +43,7 @@ from ._base import (UpsamplerMixin, check_4d, check_channels, check_input_dtypes
                     check_upsampler_inputs, register_upsampler_class)
 from ._kernel import (conv1x1_as_matmul, fixup_kernel, normalized_kernel, project_keys,
                       spatial_dist2, stage_kernel)
-from ._resize import bicubic_pad, bicubic_pad_conv, bicubic_pad_conv_available, pad2d
+from ._resize import bicubic_pad, bicubic_pad_conv, pad2d
 
 __all__ = ["jbu", "spatial_kernel", "JointBilateralUpsampler", "JBUStack", "stage_sizes"]
 
@@ -97,23 +97,15 @@ def jbu(source: Tensor, guidance: Tensor, *, range_temp: Tensor | float, range_p
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     kernel = stage_kernel(pad2d(q.to(acc), radius), guidance, range_temp=range_temp,
                           fixup_proj=fixup_proj, sigma_spatial=sigma_spatial, radius=radius)
-    grad = torch.is_grad_enabled() and (source.requires_grad or kernel.requires_grad
-                                        or (bias is not None and bias.requires_grad))
-    if not grad and bicubic_pad_conv_available(source):
-        # inference: resize + pad + convolution in bands, never the padded map
-        filters = kernel.to(source.dtype).view(B, H, W, k, k)
-        return bicubic_pad_conv(source, filters, (H, W), radius,
-                                None if bias is None else bias.to(source.dtype))
-    hr_pad = bicubic_pad(source, (H, W), radius)                # [B, C, H + 2r, W + 2r]
-    filters = kernel.to(hr_pad.dtype).view(B, H, W, k, k)
-    if bias is None:
-        return adaptive_conv(hr_pad, filters)
-    bias = bias.to(hr_pad.dtype)
-    if torch.is_grad_enabled() and (hr_pad.requires_grad or filters.requires_grad
-                                    or bias.requires_grad):
-        return adaptive_conv(hr_pad, filters).add_(bias.view(1, -1, 1, 1))
-    out = empty_output(hr_pad, (B, source.shape[1], H, W))
-    return adaptive_conv_into(hr_pad, filters, out, bias)
+    filters = kernel.to(source.dtype).view(B, H, W, k, k)
+    bias = None if bias is None else bias.to(source.dtype)
+    if not (torch.is_grad_enabled() and (source.requires_grad or filters.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
+        # inference: resize + pad + convolution in bands, never the padded map (where the fused
+        # kernel runs), the bias added as the convolution stores
+        return bicubic_pad_conv(source, filters, (H, W), radius, bias)
+    out = adaptive_conv(bicubic_pad(source, (H, W), radius), filters)   # padded: [B, C, H+2r, W+2r]
+    return out if bias is None else out.add_(bias.view(1, -1, 1, 1))
 
 
 @register_upsampler_class
