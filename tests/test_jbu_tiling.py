@@ -134,6 +134,29 @@ def test_forward_tiles_when_the_budget_needs_it_and_gives_the_same_result():
     assert (got - want).abs().max().item() < 1e-12
 
 
+def _estimate(B, C, H, W, elem=4):
+    stack = JBUStack(C)
+    sizes = [s for _, s in stack.stage_plan((H // 16, W // 16), (H, W))]
+    return _tiling.estimate_bytes(B, C, sizes, (H // 16, W // 16), radius=3, key_dim=32,
+                                  guidance_dim=3, elem=elem, out_elem=elem, grad=False)
+
+
+def test_band_rows_bounded_by_pixels_for_wide_outputs():
+    big = 2 ** 50                                      # a budget that never binds
+    # narrow maps: the rows of TILED_EXTRA_FRACTION of the output, at least MIN_BAND_ROWS
+    assert _estimate(1, 384, 448, 448).band_rows(big, 448) == _tiling.MIN_BAND_ROWS
+    # wide maps: at most BAND_PIXELS pixels over batch and width
+    for B, H, W in [(1, 2048, 2048), (1, 512, 4096), (4, 1024, 1024)]:
+        est = _estimate(B, 384, H, W)
+        assert est.row_pixels == B * W
+        rows = est.band_rows(big, H)
+        assert rows == max(_tiling.WIDE_BAND_ROWS, _tiling.BAND_PIXELS // (B * W)), (B, H, W)
+    # never below WIDE_BAND_ROWS for the pixel bound, and the budget still binds below it
+    est = _estimate(2, 64, 256, 8192)
+    assert est.band_rows(big, 256) == _tiling.WIDE_BAND_ROWS
+    assert est.band_rows(est.tiled(3), 256) == 3
+
+
 def test_out_dtype_on_both_paths():
     stack = _stack().float()
     src, img = (t.float() for t in _inputs())

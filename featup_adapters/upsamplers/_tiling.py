@@ -36,6 +36,13 @@ DEFAULT_FRACTION = 0.85      # of the memory available when the forward starts
 TILE_MIN_OUTPUT_BYTES = 128 * 2 ** 20   # below this, tiling is used only when the budget needs it
 MIN_BAND_ROWS = 48          # bands below this pay more in per-operation overhead than they save
 TILED_EXTRA_FRACTION = 0.4   # a band's working memory, as a fraction of the output's bytes
+# At most this many output pixels (batch x rows x width) per band, but at least WIDE_BAND_ROWS
+# rows.  A band's kernel maps take up to 49 floats a pixel each (16 MB at this size); larger ones
+# get fresh pages from the OS in every band (glibc maps blocks over 32 MB afresh and returns freed
+# memory at the heap's top above 64 MB), and the first-touch faults of those pages cost about a
+# tenth of the forward at 2048x2048 (180-row bands: 1.1M faults a call; 40-row bands: 0.1M).
+BAND_PIXELS = 80_000
+WIDE_BAND_ROWS = 16
 
 
 class MemoryBudgetError(MemoryError):
@@ -99,14 +106,16 @@ def gb(n: float) -> str:
 class Estimate:
     """Bytes a forward would allocate: ``untiled`` (whole maps; with autograd, what is kept for
     backward too), ``tiled_min`` (the tiled path with the smallest bands), ``output`` (the result),
-    ``per_row`` (working memory per output row of a band) and ``fixed`` (the guidance pyramid and
-    the source-side maps the tiled path keeps whole)."""
+    ``per_row`` (working memory per output row of a band), ``fixed`` (the guidance pyramid and
+    the source-side maps the tiled path keeps whole) and ``row_pixels`` (batch x width: the
+    pixels of one output row over the batch)."""
     untiled: int
     tiled_min: int
     output: int
     per_row: int
     fixed: int
     halo_rows: int
+    row_pixels: int = 1
 
     def tiled(self, rows: int) -> int:
         return self.output + self.fixed + self.per_row * (rows + self.halo_rows)
@@ -114,11 +123,13 @@ class Estimate:
     def band_rows(self, budget: int, H: int) -> int:
         """The band height the tiled path uses for this budget: the rows whose working memory is
         ``TILED_EXTRA_FRACTION`` of the output, at least ``MIN_BAND_ROWS`` (fewer, larger
-        operations) where the budget allows, at least 1."""
+        operations), but no more than ``BAND_PIXELS`` output pixels (at least ``WIDE_BAND_ROWS``
+        rows), and no more than the budget allows (at least 1)."""
         per = max(self.per_row, 1)
         target = int(TILED_EXTRA_FRACTION * self.output - self.fixed) // per - self.halo_rows
+        wide = max(WIDE_BAND_ROWS, BAND_PIXELS // max(self.row_pixels, 1))
         fits = (budget - self.output - self.fixed) // per - self.halo_rows
-        return int(max(1, min(H, fits, max(target, MIN_BAND_ROWS))))
+        return int(max(1, min(H, fits, wide, max(target, MIN_BAND_ROWS))))
 
 
 def estimate_bytes(B: int, C: int, sizes: list[tuple[int, int]], source_hw, *, radius: int,
@@ -152,7 +163,7 @@ def estimate_bytes(B: int, C: int, sizes: list[tuple[int, int]], source_hw, *, r
     fixed = pyramid + (B * C * source_hw[0] * source_hw[1] * elem) * 2
     tiled_min = output + fixed + int(per_row) * (1 + halo)
     return Estimate(int(untiled_peak + pyramid), int(tiled_min), int(output), int(per_row),
-                    int(fixed), halo)
+                    int(fixed), halo, B * W)
 
 
 # ------------------------------------------------------------------------------------ row maps
