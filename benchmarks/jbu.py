@@ -20,7 +20,9 @@ source at 1/16 of the output) reports:
 Then forward+backward (training mode, dropout off, gradients for every parameter and the source)
 at 224 and 448 over the inference forward timed in the same process, one call of each in turn
 (so a change in the machine's load hits both sides of the ratio): the ratio of the medians, and of
-the fastest call of each (the least disturbed by other jobs), and FeatUp's unfold formulation
+the fastest call of each (the least disturbed by other jobs); and the same steps over their own
+training forward (autograd on, the untiled path: the forward the backward belongs to, which
+takes the two-op resize + convolution instead of inference's fused one), and FeatUp's unfold formulation
 (below) at 224 for the ratio; the parent checks the two implementations agree.  Every case runs
 in its own child process, so its peak memory is its own.  Targets (issue 11): conv-FLOP rate
 >= 35% of matmul at every size; ms/MP at 2048 <= 1.25x that at 224; peak extra <= 1.5x the
@@ -135,9 +137,14 @@ def child(impl: str, mode: str, C: int, H: int, device: str, repeats: int, out_p
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     mm = matmul_gflops(device)
 
+    train_fwd_times = []
+
     def run():
+        t0 = time.perf_counter()
         out = stack(source, image) if impl == "ours" else unfold_stack(params, source, image)
         if backward:
+            sync()
+            train_fwd_times.append(time.perf_counter() - t0)   # the forward the backward is of
             out.backward(grad_out)
         sync()
         return out
@@ -177,7 +184,9 @@ def child(impl: str, mode: str, C: int, H: int, device: str, repeats: int, out_p
         torch.save(out.detach().float().cpu(), out_path)
     warm = times[1:] or times
     fwd_warm = fwd_times[1:] or fwd_times
-    extra = ({"fwd_warm_s": statistics.median(fwd_warm), "fwd_min_s": min(fwd_warm)}
+    train_fwd = train_fwd_times[1:] or train_fwd_times
+    extra = ({"fwd_warm_s": statistics.median(fwd_warm), "fwd_min_s": min(fwd_warm),
+              "train_fwd_warm_s": statistics.median(train_fwd)}
              if backward else {})
     return {"impl": impl, "mode": mode, "C": C, "H": H, "first_s": times[0],
             "warm_s": statistics.median(warm), "min_s": min(warm), **extra,
@@ -242,18 +251,19 @@ def render(rows: list[dict], backward: list[dict], unfold: dict | None, ours_unf
                    f"{r['matmul_gflops']:.0f} | {_gb(r['peak_extra'])} | "
                    f"{r['peak_extra'] / r['out_bytes']:.2f}x |")
     if backward:
-        out += ["", "| output | forward (interleaved) | forward+backward | ratio | ratio of the fastest "
-                "calls | peak extra (fwd+bwd) |",
-                "|---|---:|---:|---:|---:|---:|"]
+        out += ["", "| output | inference forward (interleaved) | forward+backward | ratio | ratio of "
+                "the fastest calls | its training forward | forward+backward / training forward "
+                "| peak extra (fwd+bwd) |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for b in backward:
             label = f"{b['H']}x{b['H']}"
             if "error" in b:
-                out.append(f"| {label} | | {b['error']} | | | |")
+                out.append(f"| {label} | | {b['error']} | | | | | |")
                 continue
-            f = b["fwd_warm_s"]
+            f, tf = b["fwd_warm_s"], b.get("train_fwd_warm_s", float("nan"))
             out.append(f"| {label} | {f * 1e3:.0f} ms | {b['warm_s'] * 1e3:.0f} ms | "
                        f"{b['warm_s'] / f:.2f}x | {b['min_s'] / b['fwd_min_s']:.2f}x | "
-                       f"{_gb(b['peak_extra'])} |")
+                       f"{tf * 1e3:.0f} ms | {b['warm_s'] / tf:.2f}x | {_gb(b['peak_extra'])} |")
     if unfold is not None:
         out.append("")
         if "error" in unfold or ours_unfold is None or "error" in ours_unfold:
