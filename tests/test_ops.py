@@ -63,6 +63,23 @@ def test_forward_column_strips_and_row_bands(shape, dtype, tol):
     torch.testing.assert_close(out.double(), ref, atol=tol * (1 + ref.abs().max().item()), rtol=tol)
 
 
+@pytest.mark.parametrize("k", [1, 3, 7, 15])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_grad_input_at_tile_edges(k, dtype, tol):
+    # grad_input's tiles over the zero-padded rows: widths below one tile, about one, and
+    # several, each with a partial last tile, the taps wider than a tile (k = 15), and channel
+    # counts with a tail below the channel block
+    g = torch.Generator().manual_seed(k)
+    for W in (1, 5, 15, 16, 17, 22, 31, 33, 47, 64, 230):
+        for C in (1, 13):
+            f = torch.randn(1, 3, W, k, k, generator=g, dtype=torch.float64)
+            gr = torch.randn(1, C, 3, W, generator=g, dtype=torch.float64)
+            ref = ops.adaptive_conv_grad_input_reference(gr, f)
+            got = OP.adaptive_conv_grad_input(gr.to(dtype), f.to(dtype))
+            torch.testing.assert_close(got.double(), ref, atol=tol * (1 + ref.abs().max().item()),
+                                       rtol=tol, msg=lambda m: f"W={W} C={C}: {m}")
+
+
 def test_reference_matches_definition_loop():
     x, f = make(1, 2, 3, 4, 3)
     out = adaptive_conv_reference(x, f)
@@ -204,7 +221,7 @@ ISA_CHECK = """
     g = torch.Generator().manual_seed(1)
     for dtype, tol in [(torch.float32, 1e-4), (torch.float64, 1e-10)]:
         for (B, C, H, W, k) in [(2, 7, 9, 37, 7), (1, 13, 5, 19, 3), (1, 3, 4, 67, 15), (1, 12, 6, 21, 5),
-                                (1, 5, 37, 300, 7)]:
+                                (1, 5, 37, 300, 7), (1, 9, 3, 17, 7), (1, 9, 3, 33, 15), (1, 2, 3, 5, 7)]:
             x = torch.randn(B, C, H + k - 1, W + k - 1, generator=g, dtype=torch.float64)
             f = torch.randn(B, H, W, k, k, generator=g, dtype=torch.float64)
             gr = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
