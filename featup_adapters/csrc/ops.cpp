@@ -22,11 +22,13 @@ namespace featup_adapters {
 
 static std::string cpu_isa() { return cpu::best_kernels().name; }
 
-// An uninitialized CPU tensor whose pages Linux is asked to back with 2 MB pages before they are
-// first touched (large_alloc.h), for results written in full by a kernel.
+// An uninitialized CPU tensor for a result written in full by a kernel: a large one from the
+// cache of buffers freed before, else with 2 MB pages asked for (large_alloc.h).
 static at::Tensor empty_large_cpu(at::IntArrayRef size, at::ScalarType dtype) {
   return empty_large(size, at::TensorOptions().dtype(dtype));
 }
+static int64_t cpu_cache_bytes() { return large_cache_bytes(); }
+static void empty_cpu_cache() { large_cache_clear(); }
 
 TORCH_LIBRARY(featup_adapters, m) {
   m.set_python_module("featup_adapters.ops._registration");
@@ -37,6 +39,8 @@ TORCH_LIBRARY(featup_adapters, m) {
   m.def("adaptive_conv_grad_filters(Tensor grad_out, Tensor input) -> Tensor");
   m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_empty_large(int[] size, ScalarType dtype) -> Tensor", &empty_large_cpu);
+  m.def("_cpu_cache_bytes() -> int", &cpu_cache_bytes);
+  m.def("_empty_cpu_cache() -> ()", &empty_cpu_cache);
   // bicubic resize (align_corners=False) to size, then reflect padding by pad (cpu/resize_cpu.cpp)
   m.def("bicubic_pad(Tensor input, int[2] size, int pad) -> Tensor");
   m.def("bicubic_pad_backward(Tensor grad_out, int[2] input_size, int pad) -> Tensor");

@@ -31,7 +31,7 @@ from .resize import bicubic_pad, bicubic_pad_conv_available, bicubic_pad_referen
 from .reference import (adaptive_conv_grad_filters_reference, adaptive_conv_grad_input_reference,
                         adaptive_conv_reference, copy_with_bias)
 
-__all__ = ["adaptive_conv", "adaptive_conv_into", "empty_output", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
+__all__ = ["adaptive_conv", "adaptive_conv_into", "empty_output", "cpu_cache_bytes", "empty_cpu_cache", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
            "extension_loaded", "has_kernel", "adaptive_conv_grad_input_reference",
            "adaptive_conv_grad_filters_reference", "bicubic_pad", "bicubic_pad_conv", "bicubic_pad_conv_available",
            "bicubic_pad_reference"]
@@ -64,10 +64,10 @@ def empty_output(like: Tensor, shape, *, dtype: torch.dtype | None = None) -> Te
     """An uninitialized ``Tensor[shape]`` on ``like``'s device (``like``'s dtype unless ``dtype``)
     for a result that a kernel writes in full, e.g. :func:`adaptive_conv_into`'s ``out``.
 
-    On CPU with the compiled extension, Linux is asked to back its pages with 2 MB pages before
-    they are first touched, as the ops' own results are: torch hands out fresh memory for every
-    large tensor, and first-touch faults on 4 KB pages cost a 77 MB result (C=384 at 224x224)
-    about as much time as the convolution that writes it.  Elsewhere (CUDA, fake tensors,
+    On CPU with the compiled extension it comes, like the ops' own results, from the buffer
+    cache of :func:`cpu_cache_bytes` (or with 2 MB pages asked for): torch hands out fresh
+    memory for every large tensor, and first-touch faults cost a 77 MB result (C=384 at
+    224x224) about half as much time as the convolution that writes it.  Elsewhere (CUDA, fake tensors,
     ``torch.compile`` traces, no extension) it is ``like.new_empty(shape, dtype=dtype)``.
     """
     from torch._subclasses.fake_tensor import is_fake
@@ -77,6 +77,22 @@ def empty_output(like: Tensor, shape, *, dtype: torch.dtype | None = None) -> Te
             and not is_fake(like)):
         return torch.ops.featup_adapters._empty_large([int(n) for n in shape], dtype)
     return like.new_empty(tuple(shape), dtype=dtype)
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes the CPU ops' buffer cache holds now: large results (4 MiB and up) of this library's
+    ops, freed and kept for the next op that asks for about that size, so that their pages are
+    not faulted in afresh on every call (about 12 ms per 77 MB map on the development machine).
+    At most ``FEATUP_CPU_CACHE_MB`` MiB (read at first use; default 1/16 of the physical memory,
+    at most 1 GiB; ``0`` turns the cache off).  0 without the compiled extension."""
+    return int(torch.ops.featup_adapters._cpu_cache_bytes()) if extension_loaded() else 0
+
+
+def empty_cpu_cache() -> None:
+    """Free the buffers the CPU ops' cache holds (see :func:`cpu_cache_bytes`); the cache stays
+    on.  Like ``torch.cuda.empty_cache``: tensors still in use are not affected."""
+    if extension_loaded():
+        torch.ops.featup_adapters._empty_cpu_cache()
 
 
 def adaptive_conv_into(input: Tensor, filters: Tensor, out: Tensor, bias: Tensor | None = None) -> Tensor:

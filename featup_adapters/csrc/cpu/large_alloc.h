@@ -4,27 +4,19 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace featup_adapters {
 
-// Before the pages of a large buffer are first touched, ask Linux for 2 MB pages: first-touch
-// faults on 4 KB pages cost about a quarter of the adaptive-conv forward at 224x224 (a 77 MB
-// output), and torch's CPU allocator hands out fresh memory for every large tensor.
-inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  auto t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  if (t.nbytes() >= 4 * kHuge) {
-    const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t end = (start + t.nbytes()) & ~(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // best effort
-  }
-#endif
-  return t;
-}
+// An uninitialized CPU tensor for a result the kernel writes in full. Large ones (4 MiB and up)
+// come from a cache of buffers this library's ops freed before (large_alloc.cpp): torch's CPU
+// allocator hands out fresh memory for every large tensor, and the kernel's first touch of
+// fresh pages costs about 5 ms per 77 MB (one C=384 map at 224x224; with 2 MB pages, 3x that
+// with 4 KB ones), on every call and every training step. New buffers are 2 MB aligned and Linux
+// is asked to back them with 2 MB pages before they are first touched.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// The cache: bytes held now (freed buffers waiting for reuse), and dropping them all.
+int64_t large_cache_bytes();
+void large_cache_clear();
 
 }  // namespace featup_adapters

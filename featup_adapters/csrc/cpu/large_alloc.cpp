@@ -1,0 +1,168 @@
+// The cache behind empty_large (large_alloc.h).
+//
+// A buffer of 4 MiB or more that one of this library's ops allocated goes back to a cache when
+// its tensor is freed, and the next op asking for about that size (at most a quarter more) gets
+// it back with its pages already mapped: a training step allocates the same maps every time
+// (about 240 MB at 224x224, C=384), an inference loop the same result. At most
+// FEATUP_CPU_CACHE_MB MiB are held (default: 1/16 of the physical memory, at most 1 GiB; 0
+// turns the cache off); a buffer that does not fit is freed. featup_adapters.ops.empty_cpu_cache()
+// frees what is held.
+#include "large_alloc.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+namespace featup_adapters {
+namespace {
+
+constexpr size_t kHuge = size_t(2) << 20;
+constexpr size_t kMinCached = size_t(4) << 20;
+
+size_t round_up(size_t n) { return (n + kHuge - 1) / kHuge * kHuge; }
+
+size_t default_limit() {
+  if (const char* v = std::getenv("FEATUP_CPU_CACHE_MB")) {
+    char* end = nullptr;
+    const long long mb = std::strtoll(v, &end, 10);
+    TORCH_CHECK(end != v && *end == '\0' && mb >= 0,
+                "FEATUP_CPU_CACHE_MB: expected a whole number of MiB >= 0 (0: no cache), got '", v, "'");
+    return size_t(mb) << 20;
+  }
+  size_t phys = size_t(1) << 34;  // unknown: as if 16 GiB
+#if defined(__linux__)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages > 0 && page > 0) phys = size_t(pages) * size_t(page);
+#endif
+  return std::min(phys / 16, size_t(1) << 30);
+}
+
+struct Block {
+  void* ptr;
+  size_t size;
+};
+
+class LargeCache final : public c10::Allocator {
+ public:
+  LargeCache() : limit_(default_limit()) {}
+
+  size_t limit() const { return limit_; }
+
+  c10::DataPtr allocate(size_t n) override {
+    const size_t size = round_up(std::max<size_t>(n, 1));
+    Block* b = take(size);
+    if (!b) b = fresh(size);
+    return c10::DataPtr(b->ptr, b, &LargeCache::release, c10::Device(c10::DeviceType::CPU));
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    std::memcpy(dest, src, count);
+  }
+
+  int64_t held() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return int64_t(held_);
+  }
+
+  void clear() {
+    std::multimap<size_t, Block*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      drop.swap(free_);
+      held_ = 0;
+    }
+    for (auto& kv : drop) destroy(kv.second);
+  }
+
+ private:
+  static void release(void* ctx);
+
+  Block* take(size_t size) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = free_.lower_bound(size);
+    if (it == free_.end() || it->first > size + size / 4) return nullptr;
+    Block* b = it->second;
+    held_ -= it->first;
+    free_.erase(it);
+    return b;
+  }
+
+  Block* fresh(size_t size) {
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, size) != 0) {
+      clear();  // what the cache holds may be what is missing
+      TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&p, kHuge, size) == 0,
+                       "featup_adapters: could not allocate ", size, " bytes on the CPU");
+    }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, size, MADV_HUGEPAGE);  // best effort
+#endif
+    return new Block{p, size};
+  }
+
+  void give(Block* b) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (held_ + b->size <= limit_) {
+        free_.emplace(b->size, b);
+        held_ += b->size;
+        return;
+      }
+    }
+    destroy(b);
+  }
+
+  static void destroy(Block* b) {
+    std::free(b->ptr);
+    delete b;
+  }
+
+  const size_t limit_;
+  std::mutex mu_;
+  std::multimap<size_t, Block*> free_;  // by size
+  size_t held_ = 0;
+};
+
+// Never destroyed: tensors may be freed during interpreter teardown, after static destructors.
+LargeCache& cache() {
+  static LargeCache* c = new LargeCache();
+  return *c;
+}
+
+void LargeCache::release(void* ctx) { cache().give(static_cast<Block*>(ctx)); }
+
+}  // namespace
+
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t nbytes = size_t(numel) * options.dtype().itemsize();
+  LargeCache& c = cache();
+  if (nbytes >= kMinCached && c.limit() > 0 && options.device().is_cpu() && !options.pinned_memory())
+    return at::detail::empty_generic(sizes, &c, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+  auto t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  if (t.nbytes() >= 4 * kHuge) {
+    const uintptr_t begin = (start + kHuge - 1) & ~uintptr_t(kHuge - 1);
+    const uintptr_t end = (start + t.nbytes()) & ~uintptr_t(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // best effort
+  }
+#endif
+  return t;
+}
+
+int64_t large_cache_bytes() { return cache().held(); }
+void large_cache_clear() { cache().clear(); }
+
+}  // namespace featup_adapters

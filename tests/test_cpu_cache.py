@@ -1,0 +1,137 @@
+"""The CPU ops' buffer cache (csrc/cpu/large_alloc.cpp): freed large results are reused, a reused
+buffer's old contents never show through, the limit and the switch work, and the memory budget
+counts what the cache holds."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from featup_adapters import ops
+from featup_adapters.upsamplers import _tiling
+
+OP = torch.ops.featup_adapters
+pytestmark = pytest.mark.skipif(not ops.extension_loaded(), reason="needs the compiled extension")
+
+C, H, W, K = 96, 120, 136, 5         # every result below is above the 4 MiB the cache starts at
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, C, H + K - 1, W + K - 1, generator=g)
+    f = torch.randn(1, H, W, K, K, generator=g)
+    grad = torch.randn(1, C, H, W, generator=g)
+    src = torch.randn(1, C, H // 2, W // 2, generator=g)
+    return x, f, grad, src
+
+
+def _poisoned(shape, dtype=torch.float32) -> int:
+    """Leave a NaN-filled buffer of ``shape`` in the cache; returns its address."""
+    t = ops.empty_output(torch.empty(0, dtype=dtype), shape)
+    t.fill_(float("nan"))
+    ptr = t.data_ptr()
+    del t
+    return ptr
+
+
+def _cases():
+    x, f, grad, src = _inputs()
+    r = K // 2
+    band = src[:, :, 8:60]
+    return {
+        "adaptive_conv": (lambda: OP.adaptive_conv(x, f), lambda: ops.adaptive_conv_reference(x, f)),
+        "grad_input": (lambda: OP.adaptive_conv_grad_input(grad, f),
+                       lambda: ops.adaptive_conv_grad_input_reference(grad, f)),
+        "bicubic_pad": (lambda: OP.bicubic_pad(src, [H, W], r),
+                        lambda: ops.bicubic_pad_reference(src, (H, W), r)),
+        "bicubic_pad_rows": (lambda: OP.bicubic_pad_rows(band, [H, W], r, H // 2, 8, 24, 110),
+                             lambda: ops.bicubic_pad_reference(src, (H, W), r)[:, :, 24:110]),
+        "bicubic_pad_conv": (lambda: OP.bicubic_pad_conv(src, f, [H, W], r, None),
+                             lambda: ops.adaptive_conv_reference(ops.bicubic_pad_reference(src, (H, W), r), f)),
+    }
+
+
+@pytest.mark.parametrize("name", ["adaptive_conv", "grad_input", "bicubic_pad", "bicubic_pad_rows",
+                                  "bicubic_pad_conv"])
+def test_a_reused_buffer_is_written_in_full(name):
+    run, reference = _cases()[name]
+    want = reference()
+    shape = tuple(run().shape)
+    ops.empty_cpu_cache()
+    ptr = _poisoned(shape)
+    got = run()
+    assert got.data_ptr() == ptr            # the NaN-filled buffer was the one reused
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bicubic_pad_backward_reuses_and_overwrites():
+    h, w, r = 104, 112, K // 2                           # a 4.5 MB gradient of the source
+    src = torch.randn(1, C, h, w, requires_grad=True)
+    g = torch.randn(1, C, 2 * h + 2 * r, 2 * w + 2 * r)
+    (want,) = torch.autograd.grad(ops.bicubic_pad_reference(src, (2 * h, 2 * w), r), src, g)
+    ops.empty_cpu_cache()
+    ptr = _poisoned((1, C, h, w + 8))                   # a little larger: still taken (<= 1.25x)
+    got = OP.bicubic_pad_backward(g, [h, w], r)
+    assert got.data_ptr() == ptr and not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_freed_results_are_held_reused_and_freed_on_request():
+    x, f, _, _ = _inputs()
+    ops.empty_cpu_cache()
+    assert ops.cpu_cache_bytes() == 0
+    y = OP.adaptive_conv(x, f)
+    want, ptr, nbytes = y.clone(), y.data_ptr(), y.nbytes
+    del y
+    assert ops.cpu_cache_bytes() >= nbytes
+    y = OP.adaptive_conv(x, f)
+    assert y.data_ptr() == ptr and torch.equal(y, want)
+    assert ops.cpu_cache_bytes() == 0
+    y.resize_(2, C, H, W)                    # the storage stays resizable like torch's own
+    assert torch.equal(y[0], want[0])
+    del y
+    assert ops.cpu_cache_bytes() > 0
+    ops.empty_cpu_cache()
+    assert ops.cpu_cache_bytes() == 0
+    # a much larger request does not take a small buffer, and small results are not cached
+    small = OP.adaptive_conv(x[:, :2], f)
+    del small
+    assert ops.cpu_cache_bytes() == 0
+
+
+def _run(code, **env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=120)
+
+
+CHECK = """
+    import torch, featup_adapters.ops as O
+    x = torch.randn(1, 64, 132, 132); f = torch.randn(1, 128, 128, 5, 5)
+    y = torch.ops.featup_adapters.adaptive_conv(x, f)    # 4 MiB
+    del y
+    print(O.cpu_cache_bytes())
+"""
+
+
+def test_cache_limit_and_switch_from_the_environment():
+    for env, held in (("0", 0), ("3", 0), ("64", 4 << 20)):
+        res = _run(CHECK, FEATUP_CPU_CACHE_MB=env)
+        assert res.returncode == 0, res.stderr
+        assert int(res.stdout.split()[-1]) == held, (env, res.stdout)
+
+
+def test_bad_cache_size_is_refused_clearly():
+    res = _run(CHECK, FEATUP_CPU_CACHE_MB="lots")
+    assert res.returncode != 0
+    assert "FEATUP_CPU_CACHE_MB" in res.stderr and "'lots'" in res.stderr
+
+
+def test_memory_budget_counts_the_cache(monkeypatch):
+    base = _tiling.available_memory("cpu")
+    monkeypatch.setattr(_tiling, "cpu_cache_bytes", lambda: 10 ** 13)
+    assert _tiling.available_memory("cpu") >= 10 ** 13 > base
