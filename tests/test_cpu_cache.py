@@ -125,6 +125,24 @@ def test_cache_limit_and_switch_from_the_environment():
         assert int(res.stdout.split()[-1]) == held, (env, res.stdout)
 
 
+def test_a_miss_frees_idle_buffers_to_stay_within_the_limit():
+    res = _run("""
+        import torch, featup_adapters.ops as O
+        f = torch.randn(1, 128, 128, 5, 5)
+        def result(c):                 # c * 64 KiB
+            return torch.ops.featup_adapters.adaptive_conv(torch.randn(1, c, 132, 132), f)
+        y = result(128); del y         # 8 MiB idle
+        a = O.cpu_cache_bytes()
+        y = result(96); del y          # 6 MiB: the 8 MiB one is too large (> 1.25x), a miss
+        b = O.cpu_cache_bytes()
+        y = result(160)                # 10 MiB, a miss: 8 + 6 + 10 > 16, the 8 MiB one freed
+        c = O.cpu_cache_bytes(); del y
+        print(a >> 20, b >> 20, c >> 20, O.cpu_cache_bytes() >> 20)
+    """, FEATUP_CPU_CACHE_MB="16")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["8", "14", "6", "16"], res.stdout
+
+
 def test_bad_cache_size_is_refused_clearly():
     res = _run(CHECK, FEATUP_CPU_CACHE_MB="lots")
     assert res.returncode != 0

@@ -5,8 +5,9 @@
 // it back with its pages already mapped: a training step allocates the same maps every time
 // (about 240 MB at 224x224, C=384), an inference loop the same result. At most
 // FEATUP_CPU_CACHE_MB MiB are held (default: 1/16 of the physical memory, at most 1 GiB; 0
-// turns the cache off); a buffer that does not fit is freed. featup_adapters.ops.empty_cpu_cache()
-// frees what is held.
+// turns the cache off): a freed buffer that does not fit is freed, and a request the cache
+// cannot serve first frees idle buffers until they and the new one fit.
+// featup_adapters.ops.empty_cpu_cache() frees what is held.
 #include "large_alloc.h"
 
 #include <ATen/EmptyTensor.h>
@@ -17,6 +18,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
@@ -97,6 +99,19 @@ class LargeCache final : public c10::Allocator {
   }
 
   Block* fresh(size_t size) {
+    // a miss: the sizes asked for have changed, so idle buffers (largest first) go back to the
+    // system until they and the new one fit the limit; what the cache holds stays bounded
+    std::vector<Block*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (!free_.empty() && held_ + size > limit_) {
+        auto last = std::prev(free_.end());
+        drop.push_back(last->second);
+        held_ -= last->first;
+        free_.erase(last);
+      }
+    }
+    for (Block* b : drop) destroy(b);
     void* p = nullptr;
     if (posix_memalign(&p, kHuge, size) != 0) {
       clear();  // what the cache holds may be what is missing
