@@ -22,6 +22,8 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
+#elif defined(_WIN32)
+#include <malloc.h>
 #endif
 
 namespace featup_adapters {
@@ -31,6 +33,23 @@ constexpr size_t kHuge = size_t(2) << 20;
 constexpr size_t kMinCached = size_t(4) << 20;
 
 size_t round_up(size_t n) { return (n + kHuge - 1) / kHuge * kHuge; }
+
+void* aligned_alloc_or_null(size_t size) {
+#if defined(_WIN32)
+  return _aligned_malloc(size, kHuge);
+#else
+  void* p = nullptr;
+  return posix_memalign(&p, kHuge, size) == 0 ? p : nullptr;
+#endif
+}
+
+void aligned_free(void* p) {
+#if defined(_WIN32)
+  _aligned_free(p);
+#else
+  std::free(p);
+#endif
+}
 
 size_t default_limit() {
   if (const char* v = std::getenv("FEATUP_CPU_CACHE_MB")) {
@@ -112,11 +131,12 @@ class LargeCache final : public c10::Allocator {
       }
     }
     for (Block* b : drop) destroy(b);
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, size) != 0) {
+    void* p = aligned_alloc_or_null(size);
+    if (!p) {
       clear();  // what the cache holds may be what is missing
-      TORCH_CHECK_WITH(OutOfMemoryError, posix_memalign(&p, kHuge, size) == 0,
-                       "featup_adapters: could not allocate ", size, " bytes on the CPU");
+      p = aligned_alloc_or_null(size);
+      TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr, "featup_adapters: could not allocate ", size,
+                       " bytes on the CPU");
     }
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     madvise(p, size, MADV_HUGEPAGE);  // best effort
@@ -137,7 +157,7 @@ class LargeCache final : public c10::Allocator {
   }
 
   static void destroy(Block* b) {
-    std::free(b->ptr);
+    aligned_free(b->ptr);
     delete b;
   }
 
