@@ -79,6 +79,7 @@ def empty_output(like: Tensor, shape, *, dtype: torch.dtype | None = None) -> Te
     return like.new_empty(tuple(shape), dtype=dtype)
 
 
+@torch.compiler.disable
 def cpu_cache_bytes() -> int:
     """Bytes the CPU ops' buffer cache holds now: large results (4 MiB and up) of this library's
     ops, freed and kept for the next op that asks for about that size, so that their pages are
@@ -88,9 +89,11 @@ def cpu_cache_bytes() -> int:
     return int(torch.ops.featup_adapters._cpu_cache_bytes()) if extension_loaded() else 0
 
 
+@torch.compiler.disable
 def empty_cpu_cache() -> None:
     """Free the buffers the CPU ops' cache holds (see :func:`cpu_cache_bytes`); the cache stays
-    on.  Like ``torch.cuda.empty_cache``: tensors still in use are not affected."""
+    on.  Like ``torch.cuda.empty_cache``: tensors still in use are not affected.  Eager only (a
+    ``torch.compile`` graph calls it outside the graph; a ``make_fx`` trace runs it once)."""
     if extension_loaded():
         torch.ops.featup_adapters._empty_cpu_cache()
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._validate import parse_memory_size
-from ..ops import adaptive_conv_into, cpu_cache_bytes
+from ..ops import adaptive_conv_into
 from ..ops.resize import bicubic_pad_rows, source_row_range
 from ._kernel import project_keys, stage_kernel
 from ._resize import pad_mode
@@ -52,8 +52,9 @@ class MemoryBudgetError(MemoryError):
 # --------------------------------------------------------------------------------------- budget
 def available_memory(device: torch.device | str | None = None) -> int:
     """Bytes that can be allocated now: on CUDA the free device memory plus what torch's caching
-    allocator holds unused; on CPU ``MemAvailable`` of ``/proc/meminfo`` (else the free pages)
-    plus what the CPU ops' buffer cache holds (``ops.cpu_cache_bytes``)."""
+    allocator holds unused; on CPU ``MemAvailable`` of ``/proc/meminfo`` (else the free pages).
+    What the CPU ops' buffer cache holds (``ops.cpu_cache_bytes``, at most ``FEATUP_CPU_CACHE_MB``)
+    is not counted: it serves only the ops' own requests of about its buffers' sizes."""
     device = torch.device(device if device is not None else "cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():    # e.g. fake CUDA tensors (tracing) on a CPU machine
@@ -63,16 +64,15 @@ def available_memory(device: torch.device | str | None = None) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         idx = device.index if device.index is not None else torch.cuda.current_device()
         return int(free + torch.cuda.memory_reserved(idx) - torch.cuda.memory_allocated(idx))
-    cached = cpu_cache_bytes()
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 + cached
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) + cached
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return 2 ** 62      # unknown: do not refuse
 

@@ -14,11 +14,16 @@
 #include <c10/core/Allocator.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <vector>
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
@@ -54,9 +59,12 @@ void aligned_free(void* p) {
 size_t default_limit() {
   if (const char* v = std::getenv("FEATUP_CPU_CACHE_MB")) {
     char* end = nullptr;
+    errno = 0;
     const long long mb = std::strtoll(v, &end, 10);
-    TORCH_CHECK(end != v && *end == '\0' && mb >= 0,
-                "FEATUP_CPU_CACHE_MB: expected a whole number of MiB >= 0 (0: no cache), got '", v, "'");
+    TORCH_CHECK(end != v && *end == '\0' && errno != ERANGE && mb >= 0 &&
+                    static_cast<unsigned long long>(mb) <= (SIZE_MAX >> 20),
+                "FEATUP_CPU_CACHE_MB: expected a whole number of MiB from 0 (no cache) to ", SIZE_MAX >> 20,
+                ", got '", v, "'");
     return size_t(mb) << 20;
   }
   size_t phys = size_t(1) << 34;  // unknown: as if 16 GiB
@@ -72,9 +80,18 @@ struct Block {
   size_t size;
 };
 
+class LargeCache;
+LargeCache& cache();
+
 class LargeCache final : public c10::Allocator {
  public:
-  LargeCache() : limit_(default_limit()) {}
+  LargeCache() : limit_(default_limit()) {
+#if !defined(_WIN32)
+    // a fork (e.g. a DataLoader worker) while another thread holds the lock would leave the
+    // child's copy locked for good: hold it across the fork instead
+    pthread_atfork([] { cache().mu_.lock(); }, [] { cache().mu_.unlock(); }, [] { cache().mu_.unlock(); });
+#endif
+  }
 
   size_t limit() const { return limit_; }
 
@@ -87,6 +104,12 @@ class LargeCache final : public c10::Allocator {
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
+  }
+
+  // The context is the Block, not the data, but nothing else hangs on it: torch's lazy
+  // (copy-on-write) clone may wrap it, keeping our deleter.
+  bool is_simple_data_ptr(const c10::DataPtr& p) const override {
+    return p.get_deleter() == &LargeCache::release || p.get() == p.get_context();
   }
 
   int64_t held() {
@@ -121,7 +144,7 @@ class LargeCache final : public c10::Allocator {
     // a miss: the sizes asked for have changed, so idle buffers (largest first) go back to the
     // system until they and the new one fit the limit; what the cache holds stays bounded
     std::vector<Block*> drop;
-    {
+    if (size <= limit_) {  // a larger one will not be kept either: leave the cache as it is
       std::lock_guard<std::mutex> lock(mu_);
       while (!free_.empty() && held_ + size > limit_) {
         auto last = std::prev(free_.end());
