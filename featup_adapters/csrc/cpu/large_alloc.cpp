@@ -12,6 +12,7 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -38,6 +39,20 @@ constexpr size_t kHuge = size_t(2) << 20;
 constexpr size_t kMinCached = size_t(4) << 20;
 
 size_t round_up(size_t n) { return (n + kHuge - 1) / kHuge * kHuge; }
+
+// Ask Linux to back the whole 2 MB pages inside [p, p + n) with 2 MB pages (best effort), before
+// they are first touched.
+void advise_huge_pages(void* p, size_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t start = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t begin = (start + kHuge - 1) & ~uintptr_t(kHuge - 1);
+  const uintptr_t end = (start + n) & ~uintptr_t(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
 
 void* aligned_alloc_or_null(size_t size) {
 #if defined(_WIN32)
@@ -161,9 +176,7 @@ class LargeCache final : public c10::Allocator {
       TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr, "featup_adapters: could not allocate ", size,
                        " bytes on the CPU");
     }
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(p, size, MADV_HUGEPAGE);  // best effort
-#endif
+    advise_huge_pages(p, size);
     return new Block{p, size};
   }
 
@@ -201,22 +214,13 @@ void LargeCache::release(void* ctx) { cache().give(static_cast<Block*>(ctx)); }
 }  // namespace
 
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const size_t nbytes = size_t(numel) * options.dtype().itemsize();
+  const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   LargeCache& c = cache();
   if (nbytes >= kMinCached && c.limit() > 0 && options.device().is_cpu() && !options.pinned_memory())
     return at::detail::empty_generic(sizes, &c, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                      c10::typeMetaToScalarType(options.dtype()), std::nullopt);
-  auto t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  if (t.nbytes() >= 4 * kHuge) {
-    const uintptr_t begin = (start + kHuge - 1) & ~uintptr_t(kHuge - 1);
-    const uintptr_t end = (start + t.nbytes()) & ~uintptr_t(kHuge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // best effort
-  }
-#endif
+  auto t = at::empty(sizes, options);  // small, or the cache off
+  if (t.nbytes() >= 4 * kHuge) advise_huge_pages(t.data_ptr(), t.nbytes());
   return t;
 }
 

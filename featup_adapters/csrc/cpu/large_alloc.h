@@ -10,8 +10,8 @@ namespace featup_adapters {
 // An uninitialized CPU tensor for a result the kernel writes in full. Large ones (4 MiB and up)
 // come from a cache of buffers this library's ops freed before (large_alloc.cpp): torch's CPU
 // allocator hands out fresh memory for every large tensor, and the kernel's first touch of
-// fresh pages costs about 5 ms per 77 MB (one C=384 map at 224x224; with 2 MB pages, 3x that
-// with 4 KB ones), on every call and every training step. New buffers are 2 MB aligned and Linux
+// fresh pages cost about 12 ms per 77 MB (one C=384 map at 224x224) on the development VM, on
+// every call and every training step (2 MB pages: 24 ms per 100 MB; 4 KB pages: 40). New buffers are 2 MB aligned and Linux
 // is asked to back them with 2 MB pages before they are first touched.
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 
