@@ -117,7 +117,7 @@ class Estimate:
     per_row: int
     fixed: int
     halo_rows: int
-    row_pixels: int = 1
+    row_pixels: int
 
     def tiled(self, rows: int) -> int:
         return self.output + self.fixed + self.per_row * (rows + self.halo_rows)
