@@ -278,19 +278,35 @@ void forward(const T* x, const T* filters, T* out, const OutLayout<T>& o, const 
 // filters[b][p][X - j][i * k + j] -> ft[X / XT][i * k + j][X % XT] for gi columns X in [0, Wp)
 // (zero where X - j is outside [0, W)): one grad_out row p's filters, shifted per tap so that a
 // tile of gi columns reads all its k * k filter vectors at the same x, from one block.
+// Two passes through `tr` (shifted_scratch elements): the row transposed to tap-major,
+// tr[t][k - 1 + x] = filters[b][p][x][t] with zeros around, in chunks of XT pixels whose taps
+// lie in L1; then each block's tap t is the XT consecutive values of tr[t] starting at X0 - j.
+// (One strided gather per element, read straight from the row, cost about 1.4 ms a call at
+// 224 x 224: most of a call with few channels.)
+inline int64_t shifted_scratch_width(const ConvShape& s) { return num_blocks(s.Wp(), XT) * XT + s.k - 1; }
+inline int64_t shifted_scratch(const ConvShape& s) { return s.kk() * shifted_scratch_width(s); }
+
 template <typename T>
-inline void shifted_blocks(const T* filters, const ConvShape& s, int64_t b, int64_t p, T* ft) {
-  const int64_t k = s.k, kk = s.kk(), W = s.W, Wp = s.Wp();
+inline void shifted_blocks(const T* filters, const ConvShape& s, int64_t b, int64_t p, T* ft, T* tr) {
+  const int64_t k = s.k, kk = s.kk(), W = s.W, Wp = s.Wp(), tw = shifted_scratch_width(s);
   const T* src = filters + filter_offset(s, b, p, 0, 0);
+  for (int64_t t = 0; t < kk; ++t) {
+    T* row = tr + t * tw;
+    for (int64_t x = 0; x < k - 1; ++x) row[x] = T(0);
+    for (int64_t x = k - 1 + W; x < tw; ++x) row[x] = T(0);
+  }
+  for (int64_t x0 = 0; x0 < W; x0 += XT) {
+    const int64_t n = W - x0 < XT ? W - x0 : XT;
+    const T* chunk = src + x0 * kk;
+    for (int64_t t = 0; t < kk; ++t) {
+      T* row = tr + t * tw + k - 1 + x0;
+      for (int64_t xx = 0; xx < n; ++xx) row[xx] = chunk[xx * kk + t];
+    }
+  }
   for (int64_t X0 = 0; X0 < Wp; X0 += XT) {
     T* dst = ft + (X0 / XT) * kk * XT;
-    for (int64_t t = 0; t < kk; ++t) {
-      const int64_t j = t % k;
-      for (int64_t X = X0; X < X0 + XT; ++X) {
-        const int64_t x = X - j;
-        dst[t * XT + X - X0] = X < Wp && x >= 0 && x < W ? src[x * kk + t] : T(0);
-      }
-    }
+    for (int64_t t = 0; t < kk; ++t)
+      __builtin_memcpy(dst + t * XT, tr + t * tw + (k - 1) + X0 - t % k, XT * sizeof(T));
   }
 }
 
@@ -327,6 +343,7 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
   T* fring_raw = new T[fslots * row_elems + 64 / sizeof(T)];
   T* fring = align64(fring_raw);
   T* grows = new T[gslots * CB * Wg]();
+  T* tr = new T[shifted_scratch(s)];
   int64_t* ftag = new int64_t[fslots];  // filter row (b * H + p) held by each slot, -1: none
   int64_t gtag[16];                     // grad_out row ((b * nblocks + cb) * H + p) per slot
   for (int64_t n = 0; n < fslots; ++n) ftag[n] = -1;
@@ -344,7 +361,7 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
       const bool f0 = i0 >= 0, f1 = two && i1 < k;
       if (!f0 && !f1) continue;
       if (ftag[slot] != b * H + p) {
-        shifted_blocks(filters, s, b, p, fring + slot * row_elems);
+        shifted_blocks(filters, s, b, p, fring + slot * row_elems, tr);
         ftag[slot] = b * H + p;
       }
       if (gtag[gs] != (b * nblocks + cb) * H + p) {
@@ -359,6 +376,7 @@ void grad_input(const T* g, const T* filters, T* gi, const ConvShape& s, int64_t
     pair_channels<T, true>(nc, fring, grows, rows, nrows, k, fl, -1, Wg,
                      gi + input_offset(s, b, c0, Y, 0), Hp * Wp, Wp, two, Wp);
   }
+  delete[] tr;
   delete[] ftag;
   delete[] grows;
   delete[] fring_raw;
