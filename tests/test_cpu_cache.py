@@ -178,3 +178,82 @@ def test_lazy_clone_of_a_cached_buffer_keeps_it_and_gives_it_back():
     assert torch.equal(z, want)
     del z
     assert ops.cpu_cache_bytes() >= nbytes
+
+
+# --- torch's own large tensors from the cache (ops.set_torch_cpu_cache) ----------------------
+
+def test_torch_tensors_come_from_the_cache_only_while_switched_on():
+    n = 2_500_000                                        # 10 MB: above the 4 MiB threshold
+    assert not ops.torch_cpu_cache_enabled()
+    ops.empty_cpu_cache()
+    with ops.torch_cpu_cache():
+        assert ops.torch_cpu_cache_enabled()
+        a = torch.empty(n)
+        ptr = a.data_ptr()
+        del a
+        assert ops.cpu_cache_bytes() >= 4 * n            # back in the cache, not to the system
+        b = torch.full((n,), 3.0)
+        assert b.data_ptr() == ptr                       # reused, and written in full
+        assert bool((b == 3.0).all())
+        small = torch.arange(10.0)                       # small: torch's allocator, as before
+        assert small.sum().item() == 45.0
+        kept = torch.ones(n)                             # freed after the switch is off
+    assert not ops.torch_cpu_cache_enabled()
+    held = ops.cpu_cache_bytes()
+    del b, kept                                          # made by the cache: given back to it
+    assert ops.cpu_cache_bytes() >= held + 8 * n
+    ops.empty_cpu_cache()
+    c = torch.empty(n)
+    del c
+    assert ops.cpu_cache_bytes() == 0                    # off: torch's allocator frees it
+
+
+def test_switch_returns_the_previous_state_and_nests():
+    assert ops.set_torch_cpu_cache(True) is False
+    try:
+        assert ops.set_torch_cpu_cache(True) is True     # already on: unchanged
+        with ops.torch_cpu_cache(False):
+            assert not ops.torch_cpu_cache_enabled()
+        assert ops.torch_cpu_cache_enabled()             # the block restored what was there
+    finally:
+        assert ops.set_torch_cpu_cache(False) is True
+    assert not ops.torch_cpu_cache_enabled()
+
+
+def test_onednn_convolutions_and_their_backward_run_on_the_cache():
+    # oneDNN takes its scratch through torch's raw_allocate / raw_deallocate: both must work
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, 112, 112, generator=g, requires_grad=True)
+    conv = torch.nn.Conv2d(32, 64, 3, padding=1)
+
+    def step():
+        x.grad = None
+        conv.zero_grad()
+        out = conv(x)
+        out.square().mean().backward()
+        return out.detach(), x.grad.clone(), conv.weight.grad.clone()
+
+    want = step()
+    with ops.torch_cpu_cache():
+        for _ in range(2):                               # the second from reused buffers
+            got = step()
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not ops.torch_cpu_cache_enabled()
+
+
+def test_training_turns_the_cache_on_for_its_run_only(monkeypatch):
+    from featup_adapters.training import trainer
+
+    seen = []
+    real = trainer.feature_source
+
+    def spy(*a, **k):
+        seen.append(ops.torch_cpu_cache_enabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "feature_source", spy)
+    with pytest.raises(Exception):
+        trainer.train_upsampler("no_such_backbone_xyz", steps=1, progress=False)
+    assert seen == [True]
+    assert not ops.torch_cpu_cache_enabled()             # restored, even after a failure

@@ -29,6 +29,8 @@ static at::Tensor empty_large_cpu(at::IntArrayRef size, at::ScalarType dtype) {
 }
 static int64_t cpu_cache_bytes() { return large_cache_bytes(); }
 static void empty_cpu_cache() { large_cache_clear(); }
+static bool set_torch_cpu_cache_op(bool on) { return set_torch_cpu_cache(on); }
+static bool torch_cpu_cache_enabled_op() { return torch_cpu_cache_enabled(); }
 
 TORCH_LIBRARY(featup_adapters, m) {
   m.set_python_module("featup_adapters.ops._registration");
@@ -41,6 +43,8 @@ TORCH_LIBRARY(featup_adapters, m) {
   m.def("_empty_large(int[] size, ScalarType dtype) -> Tensor", &empty_large_cpu);
   m.def("_cpu_cache_bytes() -> int", &cpu_cache_bytes);
   m.def("_empty_cpu_cache() -> ()", &empty_cpu_cache);
+  m.def("_set_torch_cpu_cache(bool on) -> bool", &set_torch_cpu_cache_op);
+  m.def("_torch_cpu_cache_enabled() -> bool", &torch_cpu_cache_enabled_op);
   // bicubic resize (align_corners=False) to size, then reflect padding by pad (cpu/resize_cpu.cpp)
   m.def("bicubic_pad(Tensor input, int[2] size, int pad) -> Tensor");
   m.def("bicubic_pad_backward(Tensor grad_out, int[2] input_size, int pad) -> Tensor");

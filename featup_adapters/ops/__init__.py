@@ -19,6 +19,8 @@ as the reference.
 """
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +33,7 @@ from .resize import bicubic_pad, bicubic_pad_conv_available, bicubic_pad_referen
 from .reference import (adaptive_conv_grad_filters_reference, adaptive_conv_grad_input_reference,
                         adaptive_conv_reference, copy_with_bias)
 
-__all__ = ["adaptive_conv", "adaptive_conv_into", "empty_output", "cpu_cache_bytes", "empty_cpu_cache", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
+__all__ = ["adaptive_conv", "adaptive_conv_into", "empty_output", "cpu_cache_bytes", "empty_cpu_cache", "set_torch_cpu_cache", "torch_cpu_cache_enabled", "torch_cpu_cache", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
            "extension_loaded", "has_kernel", "adaptive_conv_grad_input_reference",
            "adaptive_conv_grad_filters_reference", "bicubic_pad", "bicubic_pad_conv", "bicubic_pad_conv_available",
            "bicubic_pad_reference"]
@@ -96,6 +98,43 @@ def empty_cpu_cache() -> None:
     ``torch.compile`` graph calls it outside the graph; a ``make_fx`` trace runs it once)."""
     if extension_loaded():
         torch.ops.featup_adapters._empty_cpu_cache()
+
+
+@torch.compiler.disable
+def set_torch_cpu_cache(enabled: bool = True) -> bool:
+    """Serve torch's own large CPU tensors (4 MiB and up) from the buffer cache of
+    :func:`cpu_cache_bytes` too, or stop; returns whether it was on before.
+
+    Off by default: it replaces torch's CPU allocator for the whole process (smaller requests
+    still go to the allocator it replaced, and switching off restores that allocator; tensors
+    keep the deleter they were made with, so either way nothing is stranded).  Training wants
+    it: a step makes the same large temporaries every time (autograd's zero-filled gradients of
+    slices and grid samples, the kernel construction's products, the gradients themselves), and
+    from torch's allocator each is fresh memory whose pages are faulted in again on every step.
+    ``featup-adapters`` commands and :func:`featup_adapters.training.train_upsampler` turn it on
+    for their own run.  The cache's limit (``FEATUP_CPU_CACHE_MB``) bounds only the idle buffers
+    it keeps.  Without the compiled extension this does nothing and returns False.
+    """
+    if not extension_loaded():
+        return False
+    return bool(torch.ops.featup_adapters._set_torch_cpu_cache(bool(enabled)))
+
+
+@torch.compiler.disable
+def torch_cpu_cache_enabled() -> bool:
+    """Whether torch's large CPU tensors come from the buffer cache (:func:`set_torch_cpu_cache`)."""
+    return bool(torch.ops.featup_adapters._torch_cpu_cache_enabled()) if extension_loaded() else False
+
+
+@contextlib.contextmanager
+def torch_cpu_cache(enabled: bool = True):
+    """``with torch_cpu_cache(): ...``: :func:`set_torch_cpu_cache` for the block, then back to
+    what it was."""
+    was = set_torch_cpu_cache(enabled)
+    try:
+        yield
+    finally:
+        set_torch_cpu_cache(was)
 
 
 def adaptive_conv_into(input: Tensor, filters: Tensor, out: Tensor, bias: Tensor | None = None) -> Tensor:

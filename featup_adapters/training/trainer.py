@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .._io import atomic_write
+from ..ops import set_torch_cpu_cache
 from ..data import _size_tuple
 from . import checkpoint as ckpt_mod
 from . import distributed as D
@@ -300,6 +301,10 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
             records which it was (``extra["backbone_pretrained"]``: True, False or None = unknown),
             and ``wrap`` refuses to pair the upsampler with the other kind.
 
+    On CPU, torch's own large tensors come from the library's buffer cache while it runs
+    (:func:`featup_adapters.ops.set_torch_cpu_cache`, restored on return): a step makes the same
+    large temporaries every time, and fresh ones cost their page faults again on every step.
+
     Returns:
         The trained upsampler (eval mode).
 
@@ -337,6 +342,7 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
     dist = D.setup(device)
     dev = dist.device
     src = None
+    cache_was = set_torch_cpu_cache(True) if dev.type == "cpu" else None
     try:
         # ---- everything that can be wrong is checked before the first step ----
         src = feature_source(backbone, layer, pretrained=pretrained)
@@ -488,6 +494,8 @@ def train_upsampler(backbone, data=None, *, steps: int = 2000, batch_size: int =
     finally:
         if src is not None:
             release(src)
+        if cache_was is not None:
+            set_torch_cpu_cache(cache_was)
         D.teardown(dist)
 
 

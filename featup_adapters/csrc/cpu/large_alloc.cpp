@@ -12,6 +12,7 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/accumulate.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <unordered_map>
 #include <mutex>
 #include <vector>
 #if !defined(_WIN32)
@@ -114,18 +116,33 @@ class LargeCache final : public c10::Allocator {
     const size_t size = round_up(std::max<size_t>(n, 1));
     Block* b = take(size);
     if (!b) b = fresh(size);
-    return c10::DataPtr(b->ptr, b, &LargeCache::release, c10::Device(c10::DeviceType::CPU));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      live_.emplace(b->ptr, b);
+    }
+    // the context is the data itself (what torch's raw_allocate, used by oneDNN, asks for)
+    return c10::DataPtr(b->ptr, b->ptr, &LargeCache::release, c10::Device(c10::DeviceType::CPU));
+  }
+
+  // Gives a buffer this cache handed out back to it; false for any other pointer.
+  bool release_if_ours(void* ptr) {
+    Block* b = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = live_.find(ptr);
+      if (it == live_.end()) return false;
+      b = it->second;
+      live_.erase(it);
+    }
+    give(b);
+    return true;
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
   }
 
-  // The context is the Block, not the data, but nothing else hangs on it: torch's lazy
-  // (copy-on-write) clone may wrap it, keeping our deleter.
-  bool is_simple_data_ptr(const c10::DataPtr& p) const override {
-    return p.get_deleter() == &LargeCache::release || p.get() == p.get_context();
-  }
+  c10::DeleterFnPtr raw_deleter() const override { return &LargeCache::release; }
 
   int64_t held() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -200,6 +217,7 @@ class LargeCache final : public c10::Allocator {
   const size_t limit_;
   std::mutex mu_;
   std::multimap<size_t, Block*> free_;  // by size
+  std::unordered_map<void*, Block*> live_;  // handed out, by data pointer
   size_t held_ = 0;
 };
 
@@ -209,9 +227,74 @@ LargeCache& cache() {
   return *c;
 }
 
-void LargeCache::release(void* ctx) { cache().give(static_cast<Block*>(ctx)); }
+void LargeCache::release(void* ptr) {
+  const bool ours = cache().release_if_ours(ptr);
+  TORCH_INTERNAL_ASSERT(ours, "featup_adapters: a CPU buffer freed that its cache did not hand out");
+}
+
+// torch's CPU allocator with the cache behind its large requests (set_torch_cpu_cache): every
+// large CPU tensor, not only this library's results. A training step's temporaries (autograd's
+// zero-filled gradients of slices and grid samples, the kernel construction's products) are the
+// same sizes every step; from torch's allocator each comes as fresh pages to fault in again.
+class TorchWide final : public c10::Allocator {
+ public:
+  c10::Allocator* prev = nullptr;  // torch's allocator before: small requests, and restored after
+
+  c10::DataPtr allocate(size_t n) override {
+    LargeCache& c = cache();
+    if (n >= kMinCached && c.limit() > 0) return c.allocate(n);
+    return prev->allocate(n);
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    std::memcpy(dest, src, count);
+  }
+  // raw_allocate's buffers (oneDNN's scratch) come back here without their DataPtr: ours go
+  // to the cache, the rest to the deleter of the allocator that made them
+  c10::DeleterFnPtr raw_deleter() const override { return &TorchWide::raw_delete; }
+
+ private:
+  static void raw_delete(void* ptr);
+};
+
+TorchWide& torch_wide() {
+  static TorchWide* w = new TorchWide();  // never destroyed, like the cache
+  return *w;
+}
+
+void TorchWide::raw_delete(void* ptr) {
+  if (ptr == nullptr || cache().release_if_ours(ptr)) return;
+  c10::DeleterFnPtr d = torch_wide().prev->raw_deleter();
+  TORCH_INTERNAL_ASSERT(d != nullptr, "featup_adapters: no raw deleter to free a CPU buffer with");
+  d(ptr);
+}
+
+std::mutex& torch_wide_mutex() {
+  static std::mutex* m = new std::mutex();
+  return *m;
+}
+
+// c10 keeps the allocator of the highest priority asked for; ours takes the top one, and
+// restoring hands the same priority back to the allocator it replaced.
+constexpr uint8_t kTorchWidePriority = 255;
 
 }  // namespace
+
+bool set_torch_cpu_cache(bool on) {
+  std::lock_guard<std::mutex> lock(torch_wide_mutex());
+  TorchWide& w = torch_wide();
+  c10::Allocator* current = c10::GetCPUAllocator();
+  const bool was = current == &w;
+  if (on && !was) {
+    w.prev = current;
+    c10::SetCPUAllocator(&w, kTorchWidePriority);
+    TORCH_CHECK(c10::GetCPUAllocator() == &w, "featup_adapters: torch kept its CPU allocator; the cache is not in use");
+  } else if (!on && was) {
+    c10::SetCPUAllocator(w.prev, kTorchWidePriority);
+  }
+  return was;
+}
+
+bool torch_cpu_cache_enabled() { return c10::GetCPUAllocator() == &torch_wide(); }
 
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();

@@ -19,4 +19,10 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 int64_t large_cache_bytes();
 void large_cache_clear();
 
+// Put the cache behind torch's own CPU allocator for its large requests (4 MiB and up; smaller
+// ones go to the allocator it replaces), or take it away again: returns whether it was there.
+// Tensors keep the deleter they were made with, so switching never strands a buffer.
+bool set_torch_cpu_cache(bool on);
+bool torch_cpu_cache_enabled();
+
 }  // namespace featup_adapters
