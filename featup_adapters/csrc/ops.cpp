@@ -53,14 +53,23 @@ TORCH_LIBRARY(featup_adapters, m) {
   // adaptive_conv(bicubic_pad(source, size, pad), filters) (+ bias[c]) without the padded map
   // (cpu/resize_conv_cpu.cpp; inference only)
   m.def("bicubic_pad_conv(Tensor source, Tensor filters, int[2] size, int pad, Tensor? bias) -> Tensor");
+  // range_proj(guidance) of one JBU stage in eval mode, padded by radius: [B, G, H, W] ->
+  // [B, K, H+2r, W+2r] (cpu/stage_filters_cpu.cpp; inference only)
+  m.def("jbu_stage_keys(Tensor guidance, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int radius) -> Tensor");
+  // the filters [B, H, W, k*k] of one JBU stage in eval mode from its padded keys q_pad
+  // [B, K, H+2r, W+2r] and guidance [B, G, H, W] (cpu/stage_filters_cpu.cpp; inference only)
+  m.def("jbu_stage_filters(Tensor q_pad, Tensor guidance, float temp, Tensor log_s, Tensor w0, Tensor? b0, "
+        "Tensor w3, Tensor? b3, int radius) -> Tensor");
 }
 
-// adaptive_conv_into and bicubic_pad_conv have no derivative: autograd refuses them when a
+// adaptive_conv_into, bicubic_pad_conv and the jbu_stage ops have no derivative: autograd refuses them when a
 // gradient would be needed ("... is not implemented"), and otherwise passes them through
 // (adaptive_conv_into bumping out's version counter, as any in-place op).
 TORCH_LIBRARY_IMPL(featup_adapters, Autograd, m) {
   m.impl("adaptive_conv_into", torch::autograd::autogradNotImplementedFallback());
   m.impl("bicubic_pad_conv", torch::autograd::autogradNotImplementedFallback());
+  m.impl("jbu_stage_keys", torch::autograd::autogradNotImplementedFallback());
+  m.impl("jbu_stage_filters", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace featup_adapters

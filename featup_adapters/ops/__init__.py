@@ -35,7 +35,7 @@ from .reference import (adaptive_conv_grad_filters_reference, adaptive_conv_grad
 
 __all__ = ["adaptive_conv", "adaptive_conv_into", "empty_output", "cpu_cache_bytes", "empty_cpu_cache", "set_torch_cpu_cache", "torch_cpu_cache_enabled", "torch_cpu_cache", "adaptive_conv_reference", "backend", "BackendChoice", "cpu_isa",
            "extension_loaded", "has_kernel", "adaptive_conv_grad_input_reference",
-           "adaptive_conv_grad_filters_reference", "bicubic_pad", "bicubic_pad_conv", "bicubic_pad_conv_available",
+           "adaptive_conv_grad_filters_reference", "bicubic_pad", "bicubic_pad_conv", "bicubic_pad_conv_available", "jbu_stage_filters_available",
            "bicubic_pad_reference"]
 
 
@@ -174,6 +174,17 @@ def adaptive_conv_into(input: Tensor, filters: Tensor, out: Tensor, bias: Tensor
     warn_fallback(input.device.type)
     copy_with_bias(out, adaptive_conv_reference(input, filters), bias)
     return out
+
+
+def jbu_stage_filters_available() -> bool:
+    """True where ``torch.ops.featup_adapters.jbu_stage_keys`` and ``jbu_stage_filters`` (one JBU
+    stage's padded keys and filters in eval mode, each in one pass,
+    ``csrc/cpu/stage_filters_cpu.cpp``) can serve CPU tensors: the compiled extension is loaded
+    with their CPU kernels and the CPU backend is the native one.  ``upsamplers._kernel`` calls
+    them when no gradient is needed."""
+    return (NATIVE.get("cpu", False) and extension_loaded()
+            and torch._C._dispatch_has_kernel_for_dispatch_key(
+                "featup_adapters::jbu_stage_filters", "CPU"))
 
 
 def bicubic_pad_conv(x: Tensor, filters: Tensor, size: Sequence[int], r: int,

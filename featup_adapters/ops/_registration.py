@@ -14,6 +14,12 @@ Resize:       out    = bicubic_pad(x, (H, W), r)            [B, C, h, w] -> [B, 
               g_x    = bicubic_pad_backward(g, (h, w), r)   its transpose, again linear; the
                        transpose of the backward is the forward, so double backward works. On
                        CUDA both run torch's own kernels (``_resize_cuda``).
+
+JBU stage:    q_pad  = jbu_stage_keys(guidance, w1, b1, w2, b2, r)
+                       [B, G, H, W] -> [B, K, H+2r, W+2r]: range_proj, padded as ``pad2d``;
+              filt   = jbu_stage_filters(q_pad, guidance, temp, log_s, w0, b0, w3, b3, r)
+                       [B, K, H+2r, W+2r], [B, G, H, W] -> [B, H, W, (2r+1)^2]: one stage's
+                       filters in eval mode (CPU only, inference only: no derivative).
 """
 from __future__ import annotations
 
@@ -159,6 +165,43 @@ def _register_resize() -> None:
         return out if bias is None else out.add_(bias.to(out.dtype).view(1, -1, 1, 1))
 
     torch.library.register_kernel(lib + "bicubic_pad_conv", "cuda", _cuda_pad_conv)
+
+    @torch.library.register_fake(lib + "jbu_stage_keys")
+    def _fake_stage_keys(guidance, w1, b1, w2, b2, radius):
+        torch._check(guidance.dim() == 4, lambda: f"jbu_stage_keys: expected a 4-D guidance, got {guidance.dim()}-D")
+        B, _, H, W = guidance.shape
+        return guidance.new_empty((B, w1.shape[0], H + 2 * radius, W + 2 * radius))
+
+    @torch.library.register_fake(lib + "jbu_stage_filters")
+    def _fake_stage_filters(q_pad, guidance, temp, log_s, w0, b0, w3, b3, radius):
+        torch._check(q_pad.dim() == 4, lambda: f"jbu_stage_filters: expected a 4-D q_pad, got {q_pad.dim()}-D")
+        B, _, hp, wp = q_pad.shape
+        k = 2 * radius + 1
+        return q_pad.new_empty((B, hp - 2 * radius, wp - 2 * radius, k * k))
+
+    torch.library.register_kernel(lib + "jbu_stage_keys", "cuda", _cuda_stage_keys)
+    torch.library.register_kernel(lib + "jbu_stage_filters", "cuda", _cuda_stage_filters)
+
+
+# CUDA: the same steps as torch ops (and our adaptive_conv_grad_filters kernel for the logits)
+def _cuda_stage_keys(guidance, w1, b1, w2, b2, radius):
+    import torch.nn.functional as F
+    from .resize import pad2d
+
+    h = F.gelu(F.conv2d(guidance, w1[:, :, None, None], b1))
+    return pad2d(F.conv2d(h, w2[:, :, None, None], b2), radius).contiguous()
+
+
+def _cuda_stage_filters(q_pad, guidance, temp, log_s, w0, b0, w3, b3, radius):
+    import torch.nn.functional as F
+
+    B, _, hp, wp = q_pad.shape
+    H, W, k2 = hp - 2 * radius, wp - 2 * radius, (2 * radius + 1) ** 2
+    q = q_pad[:, :, radius:radius + H, radius:radius + W].contiguous()
+    logits = ops.adaptive_conv_grad_filters(q, q_pad.contiguous()).reshape(B, H, W, k2)
+    kern = torch.softmax(logits * temp + log_s, dim=-1)
+    h = F.gelu(F.linear(torch.cat([kern, guidance.permute(0, 2, 3, 1)], -1), w0, b0))
+    return (kern + 0.1 * F.linear(h, w3, b3)).contiguous()
 
 
 if extension_loaded():

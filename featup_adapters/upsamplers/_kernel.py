@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._range import range_logits_padded
+from ._resize import pad2d
 
 SIGMA_MIN_FOR_SOFTMAX = 0.25   # exp(-1 / 0.25^2) = 1.1e-7 > 1e-7: the clamp cannot act above it
 
@@ -127,6 +128,39 @@ def conv1x1_as_matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return out.view(B, -1, H, W)
 
 
+def _inference_cpu(guidance: Tensor, *params) -> bool:
+    """The compiled one-pass stage ops can serve: CPU, the ops there, float32/float64 with every
+    parameter in that dtype, no autocast, and no gradient needed."""
+    from ..ops import jbu_stage_filters_available
+
+    dtype = guidance.dtype
+    if not (guidance.device.type == "cpu" and dtype in (torch.float32, torch.float64)
+            and jbu_stage_filters_available() and not torch.is_autocast_enabled("cpu")):
+        return False
+    if any(t is not None and t.dtype != dtype for t in params):
+        return False
+    return not (torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in (guidance, *params)))
+
+
+def padded_keys(range_proj, guidance: Tensor, radius: int, acc: torch.dtype | None = None) -> Tensor:
+    """``pad2d(range_proj(guidance).to(acc), radius)``: FeatUp's layout in eval mode and without
+    autograd in one pass (the ``jbu_stage_keys`` op), anything else as ``project_keys`` then
+    ``pad2d``.  ``acc``: the keys' dtype (default the guidance's)."""
+    acc = acc or guidance.dtype
+    if (acc == guidance.dtype and _is_featup_range_proj(range_proj, guidance.shape[1])
+            and _dropout_off(range_proj[2])):
+        c0, c3 = range_proj[0], range_proj[3]
+        if _inference_cpu(guidance, c0.weight, c0.bias, c3.weight, c3.bias):
+            return torch.ops.featup_adapters.jbu_stage_keys(
+                guidance, c0.weight[:, :, 0, 0], c0.bias, c3.weight[:, :, 0, 0], c3.bias, radius)
+    q = project_keys(range_proj, guidance)
+    if q.dim() != 4 or q.shape[0] != guidance.shape[0] or q.shape[-2:] != guidance.shape[-2:]:
+        raise ValueError(f"jbu: range_proj must map [B, G, H, W] to [B, K, H, W]; got "
+                         f"{list(q.shape)} for guidance {list(guidance.shape)}")
+    return pad2d(q.to(acc), radius)
+
+
 def project_keys(range_proj, guidance: Tensor) -> Tensor:
     """``range_proj(guidance)``; FeatUp's layout runs as matrix products (same result up to float
     rounding, same dropout draws), anything else (hooked, replaced) as the module."""
@@ -211,6 +245,38 @@ def fixup_kernel(kernel: Tensor, guidance: Tensor, fixup_proj, *, inplace: bool 
     return fix.add_(kernel.reshape(n, k2)).view(B, H, W, k2)
 
 
+def _dropout_off(drop) -> bool:
+    return type(drop) is nn.Identity or not drop.training or drop.p == 0
+
+
+def _fused_stage_kernel(q_pad: Tensor, guidance: Tensor, range_temp, fixup_proj, sigma_spatial,
+                        radius: int) -> Tensor | None:
+    """The compiled one-pass ``jbu_stage_filters`` op where it gives this stage's result (up to
+    float rounding): CPU, no gradient needed, FeatUp's fixup layout with its dropout off, weights
+    in the keys' float32/float64 dtype, no autocast, the spatial width readable and at least
+    ``SIGMA_MIN_FOR_SOFTMAX``.  None otherwise (the caller builds the kernel step by step)."""
+    k2, G = (2 * radius + 1) ** 2, guidance.shape[1]
+    if not (_is_featup_fixup(fixup_proj, k2, G) and _dropout_off(fixup_proj[2])):
+        return None
+    c0, c3 = fixup_proj[0], fixup_proj[3]
+    temp, sigma = torch.as_tensor(range_temp), torch.as_tensor(sigma_spatial)
+    if not _inference_cpu(q_pad, c0.weight, c0.bias, c3.weight, c3.bias):
+        return None
+    if torch.is_grad_enabled() and (guidance.requires_grad or temp.requires_grad
+                                    or sigma.requires_grad):
+        return None
+    if not (_readable(sigma) and _readable(temp) and _readable(q_pad)):
+        return None
+    if float(sigma.detach().abs()) < SIGMA_MIN_FOR_SOFTMAX:
+        return None
+    dtype = q_pad.dtype
+    t = float(range_temperature(temp.detach(), device=q_pad.device, dtype=dtype))
+    log_s = spatial_dist2(radius, dtype=dtype) * (-0.5 / sigma.detach().to(dtype) ** 2)
+    return torch.ops.featup_adapters.jbu_stage_filters(
+        q_pad, guidance.to(dtype), t, log_s, c0.weight[:, :, 0, 0], c0.bias,
+        c3.weight[:, :, 0, 0], c3.bias, radius)
+
+
 def stage_kernel(q_pad: Tensor, guidance: Tensor, *, range_temp, fixup_proj, sigma_spatial,
                  radius: int) -> Tensor:
     """The filters of one stage (spec section 2, steps 1-4), channels-last.
@@ -223,6 +289,9 @@ def stage_kernel(q_pad: Tensor, guidance: Tensor, *, range_temp, fixup_proj, sig
     Returns:
         ``Tensor[B, H, W, k*k]`` float32 (float64 stays float64).
     """
+    fused = _fused_stage_kernel(q_pad, guidance, range_temp, fixup_proj, sigma_spatial, radius)
+    if fused is not None:
+        return fused
     logits = range_logits_padded(q_pad, radius)                 # the kernel's own buffer
     kernel = normalized_kernel(logits, range_temp, sigma_spatial, radius)
     return fixup_kernel(kernel, guidance, fixup_proj, inplace=True)    # kernel is our own buffer

@@ -41,7 +41,7 @@ import warnings
 from . import _tiling
 from ._base import (UpsamplerMixin, check_4d, check_channels, check_input_dtypes, check_radius,
                     check_upsampler_inputs, register_upsampler_class)
-from ._kernel import (conv1x1_as_matmul, fixup_kernel, normalized_kernel, project_keys,
+from ._kernel import (conv1x1_as_matmul, fixup_kernel, normalized_kernel, padded_keys, project_keys,
                       spatial_dist2, stage_kernel)
 from ._resize import bicubic_pad, bicubic_pad_conv, pad2d
 
@@ -90,12 +90,9 @@ def jbu(source: Tensor, guidance: Tensor, *, range_temp: Tensor | float, range_p
     k = 2 * radius + 1
     B = guidance.shape[0]
 
-    q = project_keys(range_proj, guidance)
-    if q.dim() != 4 or q.shape[0] != B or q.shape[-2:] != guidance.shape[-2:]:
-        raise ValueError(f"jbu: range_proj must map [B, G, H, W] to [B, K, H, W]; got "
-                         f"{list(q.shape)} for guidance {list(guidance.shape)}")
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kernel = stage_kernel(pad2d(q.to(acc), radius), guidance, range_temp=range_temp,
+    acc = torch.float64 if guidance.dtype == torch.float64 else torch.float32
+    q_pad = padded_keys(range_proj, guidance, radius, acc)
+    kernel = stage_kernel(q_pad, guidance, range_temp=range_temp,
                           fixup_proj=fixup_proj, sigma_spatial=sigma_spatial, radius=radius)
     filters = kernel.to(source.dtype).view(B, H, W, k, k)
     bias = None if bias is None else bias.to(source.dtype)

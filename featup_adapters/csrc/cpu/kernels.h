@@ -48,6 +48,42 @@ struct ResizeKernels {
   void (*periodic_cols)(T* dst, const T* src, const int32_t* base, const T* w, int64_t p, int64_t count);
 };
 
+// The filters of one JBU stage for inference (stage_filters_impl.h): items are the (b, y) output
+// rows, count B * H. Layouts (contiguous): q_pad [B][K][H+2r][W+2r], guide [B][G][H][W], log_s [kk],
+// w0 [kk][kk+G], b0 [kk] or null, w3 [kk][kk], b3 [kk] or null, out [B][H][W][kk] (kk = (2r+1)^2).
+template <typename T>
+struct StageFilterArgs {
+  const T* q_pad;
+  const T* guide;
+  const T* log_s;
+  const T* w0;
+  const T* b0;
+  const T* w3;
+  const T* b3;
+  T* out;
+  T temp;
+  int64_t B, K, G, H, W, r;
+};
+
+// The keys of one stage (range_proj in eval mode) into the interior of q_pad [B][K][H+2r][W+2r]:
+// guide [B][G][H][W], w1 [K][G], b1 [K] or null, w2 [K][K], b2 [K] or null; items: (b, y) rows.
+template <typename T>
+struct StageKeyArgs {
+  const T* guide;
+  const T* w1;
+  const T* b1;
+  const T* w2;
+  const T* b2;
+  T* q_pad;
+  int64_t B, K, G, H, W, r;
+};
+
+template <typename T>
+struct StageFilterKernels {
+  void (*filters)(const StageFilterArgs<T>& a, int64_t begin, int64_t end);
+  void (*keys)(const StageKeyArgs<T>& a, int64_t begin, int64_t end);
+};
+
 struct IsaKernels {
   const char* name;
   int channel_block;  // channels per work item of forward / grad_input
@@ -55,6 +91,8 @@ struct IsaKernels {
   KernelSet<double> f64;
   ResizeKernels<float> resize_f32;
   ResizeKernels<double> resize_f64;
+  StageFilterKernels<float> filters_f32;
+  StageFilterKernels<double> filters_f64;
 };
 
 namespace generic { const IsaKernels& kernels(); }

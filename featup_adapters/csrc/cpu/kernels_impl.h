@@ -490,6 +490,7 @@ void grad_filters(const T* g, const T* x, T* gf, const ConvShape& s, int64_t beg
 }
 
 #include "resize_rows_impl.h"
+#include "stage_filters_impl.h"
 
 }  // namespace
 
@@ -499,7 +500,9 @@ const IsaKernels& kernels() {
       KernelSet<float>{&forward<float>, &grad_input<float>, &grad_filters<float>},
       KernelSet<double>{&forward<double>, &grad_input<double>, &grad_filters<double>},
       ResizeKernels<float>{&gather_cols<float>, &combine_rows<float>, &periodic_cols<float>},
-      ResizeKernels<double>{&gather_cols<double>, &combine_rows<double>, &periodic_cols<double>}};
+      ResizeKernels<double>{&gather_cols<double>, &combine_rows<double>, &periodic_cols<double>},
+      StageFilterKernels<float>{&stage_filters<float>, &stage_keys<float>},
+      StageFilterKernels<double>{&stage_filters<double>, &stage_keys<double>}};
   return table;
 }
 
